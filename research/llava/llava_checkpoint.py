@@ -1,0 +1,235 @@
+"""LLaVA checkpoints: the parameter layout, and MindSpore `.ckpt` files read and written one tensor at a time.
+
+A MindSpore `.ckpt` is a protobuf `Checkpoint { repeated Value value = 1; }`. Concatenated serialized
+`Checkpoint` messages parse as one (repeated fields append), and MindSpore itself writes large tensors as
+several consecutive `Value`s with the same tag. So a writer can append tensor after tensor, and a reader can
+walk the file record by record: neither needs more than one tensor in memory, which keeps a 7B conversion
+(14 GB of fp16) and a sharded load far below the machine's RAM. Files written here load with
+`mindspore.load_checkpoint` too.
+
+Linear weights are stored as [in_features, out_features] (the layout the CPU matmul reads fastest), the
+patch embedding as a linear map [channels*patch*patch, hidden].
+"""
+import os
+import tempfile
+
+import numpy as np
+from mindspore.train.checkpoint_pb2 import Checkpoint
+
+# Each protobuf record is kept under MindSpore's own slice size, so MindSpore's reader accepts the file.
+_SLICE_BYTES = 512 * 1024 * 1024
+_NUMPY_OF_CKPT_TYPE = {"Float16": np.float16, "Float32": np.float32, "Float64": np.float64, "Int8": np.int8,
+                       "Int32": np.int32, "Int64": np.int64, "UInt8": np.uint8, "Bool": np.bool_}
+_CKPT_TYPE_OF_NUMPY = {np.dtype(v): k for k, v in _NUMPY_OF_CKPT_TYPE.items()}
+# Parameters that are runtime state, never stored.
+RUNTIME_STATE_SUFFIXES = ("key_cache", "value_cache")
+
+
+def checkpoint_layout(config):
+    """Name -> shape of every stored parameter of `LlavaVlm(config)`, derived from the config alone.
+
+    The converter checks HF tensors against it without building the model (a 7B model would not fit a
+    CPU host in float32); a test checks it equals the model's own parameters.
+    """
+    vision, text = config.vision_config, config.text_config
+    hidden_v, inner_v, hidden_t, inner_t = (vision.hidden_size, vision.intermediate_size,
+                                            text.hidden_size, text.intermediate_size)
+    patch_inputs = vision.num_channels * vision.patch_size ** 2
+    layout = {
+        "vision_tower.embeddings.class_embedding": (hidden_v,),
+        "vision_tower.embeddings.patch_embedding.weight": (patch_inputs, hidden_v),
+        "vision_tower.embeddings.position_embedding.weight": (vision.num_patches + 1, hidden_v),
+        "vision_tower.pre_layernorm.weight": (hidden_v,),
+        "vision_tower.pre_layernorm.bias": (hidden_v,),
+    }
+    for i in range(vision.num_computed_layers):
+        prefix = f"vision_tower.layers.{i}."
+        for norm in ("layer_norm1", "layer_norm2"):
+            layout[f"{prefix}{norm}.weight"] = (hidden_v,)
+            layout[f"{prefix}{norm}.bias"] = (hidden_v,)
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            layout[f"{prefix}self_attn.{proj}.weight"] = (hidden_v, hidden_v)
+            layout[f"{prefix}self_attn.{proj}.bias"] = (hidden_v,)
+        layout[f"{prefix}mlp.fc1.weight"] = (hidden_v, inner_v)
+        layout[f"{prefix}mlp.fc1.bias"] = (inner_v,)
+        layout[f"{prefix}mlp.fc2.weight"] = (inner_v, hidden_v)
+        layout[f"{prefix}mlp.fc2.bias"] = (hidden_v,)
+    layout.update({
+        "projector.linear_1.weight": (hidden_v, hidden_t),
+        "projector.linear_1.bias": (hidden_t,),
+        "projector.linear_2.weight": (hidden_t, hidden_t),
+        "projector.linear_2.bias": (hidden_t,),
+        "language_model.embed_tokens.weight": (text.vocab_size, hidden_t),
+    })
+    for i in range(text.num_layers):
+        prefix = f"language_model.layers.{i}."
+        layout[f"{prefix}input_layernorm.weight"] = (hidden_t,)
+        layout[f"{prefix}post_attention_layernorm.weight"] = (hidden_t,)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            layout[f"{prefix}self_attn.{proj}.weight"] = (hidden_t, hidden_t)
+        layout[f"{prefix}mlp.gate_proj.weight"] = (hidden_t, inner_t)
+        layout[f"{prefix}mlp.up_proj.weight"] = (hidden_t, inner_t)
+        layout[f"{prefix}mlp.down_proj.weight"] = (inner_t, hidden_t)
+    layout["language_model.norm.weight"] = (hidden_t,)
+    layout["lm_head.weight"] = (hidden_t, text.vocab_size)
+    return layout
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit what was expected; the message names the tensor."""
+
+
+def _float_to_bfloat16_bits(array):
+    """float32 -> bfloat16 bit patterns (round to nearest even), as uint16."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + 0x7FFF
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def _bfloat16_bits_to_float(bits):
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class CheckpointWriter:
+    """Appends tensors to a `.ckpt` one at a time; the file appears at `path` only when closed cleanly.
+
+    Use as a context manager: on an exception the temporary file is removed and nothing is left at `path`.
+    """
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, exist_ok=True)
+        handle, self._temp_path = tempfile.mkstemp(prefix=".partial-", suffix=".ckpt", dir=directory)
+        self._file = os.fdopen(handle, "wb")
+        self.bytes_written = 0
+
+    def write(self, name, array, dtype=None):
+        """Append `array` under `name`, cast to `dtype` ("float16", "bfloat16", "float32", or None: keep)."""
+        if dtype == "bfloat16":
+            content, type_name = _float_to_bfloat16_bits(array), "BFloat16"
+        else:
+            content = np.ascontiguousarray(array, dtype=np.dtype(dtype) if dtype else None)
+            type_name = _CKPT_TYPE_OF_NUMPY[content.dtype]
+        flat = content.reshape(-1)
+        step = max(1, _SLICE_BYTES // max(1, flat.itemsize))
+        for start in range(0, max(flat.size, 1), step):
+            record = Checkpoint()
+            value = record.value.add()
+            value.tag = name
+            value.tensor.dims.extend(array.shape)
+            value.tensor.tensor_type = type_name
+            value.tensor.tensor_content = flat[start:start + step].tobytes()
+            data = record.SerializeToString()
+            self._file.write(data)
+            self.bytes_written += len(data)
+
+    def close(self):
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._temp_path, self.path)
+
+    def abort(self):
+        self._file.close()
+        if os.path.exists(self._temp_path):
+            os.remove(self._temp_path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+def _read_varint(stream):
+    result, shift = 0, 0
+    while True:
+        byte = stream.read(1)
+        if not byte:
+            raise EOFError
+        result |= (byte[0] & 0x7F) << shift
+        if not byte[0] & 0x80:
+            return result
+        shift += 7
+
+
+def _decode_tensor(tensor, chunks, path, name):
+    type_name = tensor.tensor_type
+    content = b"".join(chunks)
+    if type_name == "BFloat16":
+        array = _bfloat16_bits_to_float(np.frombuffer(content, np.uint16))
+    elif type_name in _NUMPY_OF_CKPT_TYPE:
+        array = np.frombuffer(content, _NUMPY_OF_CKPT_TYPE[type_name])
+    else:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported type {type_name!r}")
+    shape = tuple(tensor.dims)
+    if array.size != int(np.prod(shape, dtype=np.int64)):
+        raise CheckpointError(f"{path}: tensor {name!r} holds {array.size} values, its shape {shape} needs "
+                              f"{int(np.prod(shape))}: the file is truncated or corrupt")
+    return array.reshape(shape)
+
+
+def iter_checkpoint(path):
+    """Yield (name, numpy array) from a MindSpore `.ckpt`, one tensor in memory at a time.
+
+    bfloat16 tensors come back as float32 (numpy has no bfloat16).
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    pending_name, pending_tensor, chunks = None, None, []
+    with open(path, "rb") as stream:
+        while True:
+            key = stream.read(1)
+            if not key or key == b"c":  # end, or MindSpore's optional trailing "crc_num" footer
+                break
+            try:
+                if key != b"\x0a":
+                    raise EOFError
+                length = _read_varint(stream)
+                payload = stream.read(length)
+                if len(payload) != length:
+                    raise EOFError
+                record = Checkpoint()
+                record.ParseFromString(b"\x0a" + _encode_varint(length) + payload)
+            except Exception as error:
+                raise CheckpointError(f"{path} is not a readable MindSpore checkpoint "
+                                      f"(corrupt or truncated near byte {stream.tell()})") from error
+            value = record.value[0]
+            if value.tag != pending_name:
+                if pending_name is not None:
+                    yield pending_name, _decode_tensor(pending_tensor, chunks, path, pending_name)
+                pending_name, pending_tensor, chunks = value.tag, value.tensor, []
+            chunks.append(value.tensor.tensor_content)
+    if pending_name is not None:
+        yield pending_name, _decode_tensor(pending_tensor, chunks, path, pending_name)
+
+
+def _encode_varint(value):
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def check_tensor(name, shape, layout, source):
+    """Raise a CheckpointError naming `name` if it is not in `layout` or has the wrong shape."""
+    if name not in layout:
+        raise CheckpointError(f"{source}: unexpected tensor {name!r}: the model has no such parameter")
+    if tuple(shape) != tuple(layout[name]):
+        raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(shape)}, "
+                              f"the model config expects {tuple(layout[name])}")
+
+
+def check_complete(seen, layout, source):
+    missing = [name for name in layout if name not in seen]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{more}")

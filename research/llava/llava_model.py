@@ -1,0 +1,460 @@
+"""LLaVA-1.5 in plain MindSpore ops: CLIP ViT vision tower -> 2-layer GELU projector -> LLaMA decoder.
+
+Every op here has a CPU kernel (the fused Ascend kernels of MindFormers' own LLaMA do not), so the same
+code runs on CPU in float32 and on Ascend in float16/bfloat16 (`compute_dtype`; norms and softmax stay float32).
+
+Shapes: B batch, S prompt length, T tokens in a step (S at prefill, 1 at decode), L cache length,
+H heads, D head dim, N images, P patches per image, F image features per image (P, or P+1 with CLS).
+
+Generation (see `generate`) prefills the whole prompt once, writing keys/values into a static cache
+[B, H, L, D], then decodes one token per step; each sequence keeps its own length, so a batch of prompts
+of different lengths needs no padding tricks and every row matches the same prompt run alone.
+"""
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from mindformers.models.modeling_utils import PreTrainedModel
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from llava_config import LlavaConfig
+from llava_generation import GenerationLoop
+
+_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+_MASK_VALUE = -1e9  # finite: fully masked padding rows must not produce NaN
+
+
+def mindspore_dtype(name):
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+class Linear(nn.Cell):
+    """y = x @ weight (+ bias); weight stored [in_features, out_features] (fastest for the CPU matmul)."""
+
+    def __init__(self, in_features, out_features, bias=True, compute_dtype=ms.float32, param_dtype=ms.float32):
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(0.02), (in_features, out_features), param_dtype), name="weight")
+        self.bias = Parameter(initializer("zeros", (out_features,), param_dtype), name="bias") if bias else None
+        self.compute_dtype = compute_dtype
+        self.matmul = ops.MatMul()
+        self.add = ops.Add()
+        self.cast = ops.Cast()
+
+    def construct(self, x):
+        """x: [..., in] -> [..., out], in compute_dtype."""
+        leading = x.shape[:-1]
+        x = self.cast(x.reshape(-1, x.shape[-1]), self.compute_dtype)
+        y = self.matmul(x, self.cast(self.weight, self.compute_dtype))
+        if self.bias is not None:
+            y = self.add(y, self.cast(self.bias, self.compute_dtype))
+        return y.reshape(leading + (y.shape[-1],))
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis, computed in float32."""
+
+    def __init__(self, size, eps):
+        super().__init__()
+        self.weight = Parameter(initializer("ones", (size,), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (size,), ms.float32), name="bias")
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        return self.norm(x.astype(ms.float32), self.weight, self.bias)[0]
+
+
+class RMSNorm(nn.Cell):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32."""
+
+    def __init__(self, size, eps):
+        super().__init__()
+        self.weight = Parameter(initializer("ones", (size,), ms.float32), name="weight")
+        self.eps = eps
+        self.mean = ops.ReduceMean(keep_dims=True)
+        self.rsqrt = ops.Rsqrt()
+        self.mul = ops.Mul()
+
+    def construct(self, x):
+        x = x.astype(ms.float32)
+        return self.mul(self.mul(x, self.rsqrt(self.mean(self.mul(x, x), -1) + self.eps)), self.weight)
+
+
+def split_heads(x, num_heads):
+    """[B, T, H*D] -> [B, H, T, D]."""
+    batch, length, _ = x.shape
+    return ops.transpose(x.reshape(batch, length, num_heads, -1), (0, 2, 1, 3))
+
+
+def merge_heads(x):
+    """[B, H, T, D] -> [B, T, H*D]."""
+    batch, heads, length, dim = x.shape
+    return ops.transpose(x, (0, 2, 1, 3)).reshape(batch, length, heads * dim)
+
+
+class Attention(nn.Cell):
+    """softmax(q k^T * scale + mask) v over [B, H, T, D] inputs; scores and softmax in float32."""
+
+    def __init__(self, head_dim):
+        super().__init__()
+        self.scale = head_dim ** -0.5
+        self.scores = ops.BatchMatMul(transpose_b=True)
+        self.weighted_sum = ops.BatchMatMul()
+        self.softmax = ops.Softmax(axis=-1)
+
+    def construct(self, query, key, value, mask=None):
+        """query [B,H,T,D], key/value [B,H,L,D], mask broadcastable to [B,H,T,L] (0 or a large negative)."""
+        scores = self.scores(query, key).astype(ms.float32) * self.scale
+        if mask is not None:
+            scores = scores + mask
+        probs = self.softmax(scores).astype(value.dtype)
+        return self.weighted_sum(probs, value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vision tower: CLIP ViT (pre-LN encoder, quick_gelu MLP)
+# ----------------------------------------------------------------------------------------------------------
+
+class CLIPEmbeddings(nn.Cell):
+    """Patch embedding as a matmul over flattened patches, plus a class token and learned positions."""
+
+    def __init__(self, config, compute_dtype):
+        super().__init__()
+        hidden = config.hidden_size
+        self.patch_size = config.patch_size
+        self.grid = config.image_size // config.patch_size
+        self.class_embedding = Parameter(initializer(Normal(0.02), (hidden,), ms.float32), name="class_embedding")
+        self.patch_embedding = Linear(config.num_channels * self.patch_size ** 2, hidden, bias=False,
+                                      compute_dtype=compute_dtype)
+        self.position_embedding = nn.Cell()
+        self.position_embedding.weight = Parameter(
+            initializer(Normal(0.02), (config.num_patches + 1, hidden), ms.float32), name="weight")
+
+    def construct(self, pixel_values):
+        """pixel_values [N, C, S, S] -> embeddings [N, 1+P, Hv]."""
+        images, channels = pixel_values.shape[0], pixel_values.shape[1]
+        p, g = self.patch_size, self.grid
+        # [N, C, g, p, g, p] -> [N, g, g, C, p, p]: each patch flattened in (channel, row, col) order,
+        # the order of the conv weight [Hv, C, p, p] that the converter flattened.
+        patches = ops.transpose(pixel_values.reshape(images, channels, g, p, g, p), (0, 2, 4, 1, 3, 5))
+        patches = self.patch_embedding(patches.reshape(images, g * g, channels * p * p)).astype(ms.float32)
+        class_token = ops.broadcast_to(self.class_embedding.reshape(1, 1, -1), (images, 1, patches.shape[-1]))
+        return ops.concat((class_token, patches), axis=1) + self.position_embedding.weight
+
+
+class CLIPMLP(nn.Cell):
+    def __init__(self, config, compute_dtype):
+        super().__init__()
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, compute_dtype=compute_dtype)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, compute_dtype=compute_dtype)
+        self.sigmoid = ops.Sigmoid()
+
+    def construct(self, x):
+        x = self.fc1(x)
+        return self.fc2(x * self.sigmoid(1.702 * x))  # quick_gelu
+
+
+class CLIPSelfAttention(nn.Cell):
+    def __init__(self, config, compute_dtype):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.q_proj = Linear(hidden, hidden, compute_dtype=compute_dtype)
+        self.k_proj = Linear(hidden, hidden, compute_dtype=compute_dtype)
+        self.v_proj = Linear(hidden, hidden, compute_dtype=compute_dtype)
+        self.out_proj = Linear(hidden, hidden, compute_dtype=compute_dtype)
+        self.attention = Attention(hidden // self.num_heads)
+
+    def construct(self, x):
+        """x [N, 1+P, Hv] -> [N, 1+P, Hv]; every token sees every token."""
+        query = split_heads(self.q_proj(x), self.num_heads)
+        key = split_heads(self.k_proj(x), self.num_heads)
+        value = split_heads(self.v_proj(x), self.num_heads)
+        return self.out_proj(merge_heads(self.attention(query, key, value)))
+
+
+class CLIPEncoderLayer(nn.Cell):
+    def __init__(self, config, compute_dtype):
+        super().__init__()
+        self.layer_norm1 = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.self_attn = CLIPSelfAttention(config, compute_dtype)
+        self.layer_norm2 = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.mlp = CLIPMLP(config, compute_dtype)
+
+    def construct(self, x):
+        x = x + self.self_attn(self.layer_norm1(x)).astype(ms.float32)
+        return x + self.mlp(self.layer_norm2(x)).astype(ms.float32)
+
+
+class CLIPVisionTower(nn.Cell):
+    """Image -> the hidden state of encoder layer `vision_feature_layer`; later layers are not built."""
+
+    def __init__(self, config, compute_dtype):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(config, compute_dtype)
+        self.pre_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.layers = nn.CellList([CLIPEncoderLayer(config, compute_dtype)
+                                   for _ in range(config.num_computed_layers)])
+        self.drop_class_token = config.vision_feature_select_strategy == "default"
+
+    def construct(self, pixel_values):
+        """pixel_values [N, C, S, S] float32 -> features [N, F, Hv] float32."""
+        x = self.pre_layernorm(self.embeddings(pixel_values))
+        for layer in self.layers:
+            x = layer(x)
+        return x[:, 1:] if self.drop_class_token else x
+
+
+class Projector(nn.Cell):
+    """Vision features -> text embedding space: linear -> GELU (exact, erf) -> linear."""
+
+    def __init__(self, vision_hidden, text_hidden, compute_dtype):
+        super().__init__()
+        self.linear_1 = Linear(vision_hidden, text_hidden, compute_dtype=compute_dtype)
+        self.linear_2 = Linear(text_hidden, text_hidden, compute_dtype=compute_dtype)
+        self.erf = ops.Erf()
+
+    def construct(self, features):
+        x = self.linear_1(features).astype(ms.float32)
+        x = 0.5 * x * (1.0 + self.erf(x * (2.0 ** -0.5)))
+        return self.linear_2(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Language model: LLaMA decoder with rotary positions and a static KV cache
+# ----------------------------------------------------------------------------------------------------------
+
+def rotary_tables(head_dim, max_positions, theta):
+    """cos, sin tables [max_positions, D] (HF's layout: the D/2 frequencies repeated twice)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.outer(np.arange(max_positions, dtype=np.float64), inv_freq)
+    angles = np.concatenate([angles, angles], axis=-1)
+    return Tensor(np.cos(angles), ms.float32), Tensor(np.sin(angles), ms.float32)
+
+
+def apply_rotary(x, cos, sin):
+    """x [B, H, T, D]; cos/sin [B, 1, T, D]. Rotates (x1, x2) halves: x*cos + (-x2, x1)*sin."""
+    half = x.shape[-1] // 2
+    rotated = ops.concat((-x[..., half:], x[..., :half]), axis=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaAttention(nn.Cell):
+    def __init__(self, config, compute_dtype):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.q_proj = Linear(hidden, hidden, bias=False, compute_dtype=compute_dtype)
+        self.k_proj = Linear(hidden, hidden, bias=False, compute_dtype=compute_dtype)
+        self.v_proj = Linear(hidden, hidden, bias=False, compute_dtype=compute_dtype)
+        self.o_proj = Linear(hidden, hidden, bias=False, compute_dtype=compute_dtype)
+        self.attention = Attention(self.head_dim)
+        self.write_cache = ops.ScatterNdUpdate()
+        self.key_cache = None
+        self.value_cache = None
+        self.cache_dtype = compute_dtype
+
+    def allocate_cache(self, batch, length):
+        """A zeroed key and value cache [B, H, L, D] (runtime state: never saved in checkpoints)."""
+        shape = (batch, self.num_heads, length, self.head_dim)
+        self.key_cache = Parameter(ops.zeros(shape, self.cache_dtype), name="key_cache", requires_grad=False)
+        self.value_cache = Parameter(ops.zeros(shape, self.cache_dtype), name="value_cache", requires_grad=False)
+
+    def construct(self, x, cos, sin, mask, cache_index=None, attend_to_cache=False):
+        """x [B, T, Ht] -> [B, T, Ht].
+
+        cache_index [B*H*T, 3] int32: (batch, head, position) where this step's keys/values are written,
+            or None to run without cache (training, plain forward).
+        attend_to_cache: attend over the whole cache [B, H, L, D] (decode) instead of this step's keys.
+        """
+        query = apply_rotary(split_heads(self.q_proj(x), self.num_heads), cos, sin)
+        key = apply_rotary(split_heads(self.k_proj(x), self.num_heads), cos, sin)
+        value = split_heads(self.v_proj(x), self.num_heads)
+        if cache_index is not None:
+            key = key.astype(self.cache_dtype)
+            value = value.astype(self.cache_dtype)
+            self.write_cache(self.key_cache, cache_index, key.reshape(-1, self.head_dim))
+            self.write_cache(self.value_cache, cache_index, value.reshape(-1, self.head_dim))
+            if attend_to_cache:
+                key, value = self.key_cache, self.value_cache
+        query = query.astype(key.dtype)
+        return self.o_proj(merge_heads(self.attention(query, key, value, mask)))
+
+
+class LlamaMLP(nn.Cell):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config, compute_dtype):
+        super().__init__()
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False, compute_dtype=compute_dtype)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False, compute_dtype=compute_dtype)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False, compute_dtype=compute_dtype)
+        self.sigmoid = ops.Sigmoid()
+
+    def construct(self, x):
+        gate = self.gate_proj(x)
+        return self.down_proj(gate * self.sigmoid(gate) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Cell):
+    def __init__(self, config, compute_dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, compute_dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, compute_dtype)
+
+    def construct(self, x, cos, sin, mask, cache_index=None, attend_to_cache=False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_index, attend_to_cache).astype(ms.float32)
+        return x + self.mlp(self.post_attention_layernorm(x)).astype(ms.float32)
+
+
+class LlamaModel(nn.Cell):
+    def __init__(self, config, max_positions, compute_dtype):
+        super().__init__()
+        self.embed_tokens = nn.Cell()
+        self.embed_tokens.weight = Parameter(
+            initializer(Normal(0.02), (config.vocab_size, config.hidden_size), ms.float32), name="weight")
+        self.layers = nn.CellList([LlamaDecoderLayer(config, compute_dtype) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.cos, self.sin = rotary_tables(config.head_dim, max_positions, config.rope_theta)
+        self.gather = ops.Gather()
+
+    def embed(self, input_ids):
+        """input_ids [B, S] int32 -> [B, S, Ht] float32."""
+        return self.gather(self.embed_tokens.weight, input_ids, 0).astype(ms.float32)
+
+    def construct(self, hidden, positions, mask, cache_index=None, attend_to_cache=False):
+        """hidden [B, T, Ht], positions [B, T] int32 -> normed hidden [B, T, Ht] float32."""
+        cos = self.gather(self.cos, positions, 0).expand_dims(1)  # [B, 1, T, D]
+        sin = self.gather(self.sin, positions, 0).expand_dims(1)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, mask, cache_index, attend_to_cache)
+        return self.norm(hidden)
+
+
+def causal_mask(length):
+    """[1, 1, S, S] float32: 0 on and below the diagonal, a large negative above."""
+    return Tensor(np.triu(np.full((length, length), _MASK_VALUE, np.float32), 1)[None, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LLaVA
+# ----------------------------------------------------------------------------------------------------------
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class LlavaVlm(GenerationLoop, PreTrainedModel):
+    """LLaVA-1.5: each `<image>` id in a prompt is replaced, in order, by one projected image feature.
+
+    Inputs everywhere: input_ids int32 [B, S] (right-padded; `valid_length` [B] gives each row's length)
+    and pixel_values float32 [N, 3, S_img, S_img], one image per F `<image>` ids, in reading order.
+    """
+
+    config_class = LlavaConfig
+    base_model_prefix = "llava"
+
+    def __init__(self, config: LlavaConfig, **kwargs):
+        super().__init__(config, **kwargs)
+        compute_dtype = mindspore_dtype(config.compute_dtype)
+        text = config.text_config
+        self.image_token_id = config.image_token_id
+        self.num_image_features = config.vision_config.num_image_features
+        self.vision_tower = CLIPVisionTower(config.vision_config, compute_dtype)
+        self.projector = Projector(config.vision_config.hidden_size, text.hidden_size, compute_dtype)
+        self.language_model = LlamaModel(text, config.seq_length, compute_dtype)
+        self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False, compute_dtype=compute_dtype)
+        self.gather = ops.Gather()
+
+    # -- building blocks ---------------------------------------------------------------------------------
+
+    def image_features(self, pixel_values):
+        """pixel_values [N, C, S, S] -> projected features [N*F, Ht] float32."""
+        features = self.projector(self.vision_tower(pixel_values)).astype(ms.float32)
+        return features.reshape(-1, features.shape[-1])
+
+    def embed_prompt(self, input_ids, pixel_values=None):
+        """Token embeddings [B, S, Ht] with every `<image>` position holding its image feature.
+
+        input_ids: numpy or Tensor [B, S]. The positions are found on the host (the prompt is known there),
+        so the merge is one gather over [text embeddings; image features]; no data-dependent device op.
+        """
+        ids = input_ids.asnumpy() if isinstance(input_ids, Tensor) else np.asarray(input_ids)
+        ids = ids.astype(np.int32)
+        is_image = ids == self.image_token_id
+        image_slots = int(is_image.sum())
+        images = 0 if pixel_values is None else pixel_values.shape[0]
+        if image_slots != images * self.num_image_features:
+            raise ValueError(f"the prompts hold {image_slots} <image> tokens but {images} image(s) were given; "
+                             f"each image needs exactly {self.num_image_features} <image> tokens")
+        text_ids = np.where(is_image, 0, ids)
+        embeddings = self.language_model.embed(Tensor(text_ids))
+        if not images:
+            return embeddings
+        batch, length = ids.shape
+        flat = embeddings.reshape(batch * length, -1)
+        source = np.arange(batch * length, dtype=np.int32)
+        source[is_image.reshape(-1)] = batch * length + np.arange(image_slots, dtype=np.int32)
+        pixel_values = pixel_values if isinstance(pixel_values, Tensor) else Tensor(pixel_values, ms.float32)
+        merged = self.gather(ops.concat((flat, self.image_features(pixel_values)), axis=0), Tensor(source), 0)
+        return merged.reshape(batch, length, -1)
+
+    def logits(self, hidden):
+        """hidden [..., Ht] -> logits [..., V] float32."""
+        return self.lm_head(hidden).astype(ms.float32)
+
+    # -- forward passes ----------------------------------------------------------------------------------
+
+    def construct(self, input_ids, pixel_values=None):
+        """Plain causal forward, no cache: logits [B, S, V] float32 for every position."""
+        length = input_ids.shape[1]
+        hidden = self.embed_prompt(input_ids, pixel_values)
+        positions = Tensor(np.broadcast_to(np.arange(length, dtype=np.int32), input_ids.shape))
+        return self.logits(self.language_model(hidden, positions, causal_mask(length)))
+
+    def prefill(self, input_ids, valid_length, pixel_values=None):
+        """Run right-padded prompts [B, S] once, fill the cache; logits of each row's last token [B, V]."""
+        batch, length = input_ids.shape
+        hidden = self.embed_prompt(input_ids, pixel_values)
+        positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
+        # Padding slots (>= valid_length) are written too; decode overwrites or masks each before reading it.
+        hidden = self.language_model(hidden, Tensor(positions), causal_mask(length), self._cache_index(positions))
+        last = Tensor(np.asarray(valid_length, np.int32) - 1 + np.arange(batch, dtype=np.int32) * length)
+        return self.logits(self.gather(hidden.reshape(batch * length, -1), last, 0))
+
+    def decode(self, token_ids, positions):
+        """One step: token_ids [B] at positions [B] (each row's own) -> logits [B, V]."""
+        hidden = self.language_model.embed(Tensor(np.asarray(token_ids, np.int32).reshape(-1, 1)))
+        positions = np.asarray(positions, np.int32).reshape(-1, 1)
+        cache_length = self.language_model.layers[0].self_attn.key_cache.shape[2]
+        # Key slot j is visible to a row at position p when j <= p.
+        visible = np.arange(cache_length, dtype=np.int32)[None, :] <= positions
+        mask = Tensor(np.where(visible, 0.0, _MASK_VALUE).astype(np.float32)[:, None, None, :])
+        hidden = self.language_model(hidden, Tensor(positions), mask, self._cache_index(positions), True)
+        return self.logits(hidden[:, 0])
+
+    def _cache_index(self, positions):
+        """positions [B, T] -> scatter indices [B*H*T, 3] of (batch, head, position), the cache's order."""
+        batch, steps = positions.shape
+        heads = self.config.text_config.num_heads
+        index = np.empty((batch, heads, steps, 3), np.int32)
+        index[..., 0] = np.arange(batch, dtype=np.int32)[:, None, None]
+        index[..., 1] = np.arange(heads, dtype=np.int32)[None, :, None]
+        index[..., 2] = positions[:, None, :]
+        return Tensor(index.reshape(-1, 3))
+
+    def allocate_kv_cache(self, batch, length):
+        """Size the cache for `batch` rows of up to `length` tokens (kept when already that size)."""
+        if length > self.config.seq_length:
+            raise ValueError(f"{length} tokens do not fit the context seq_length={self.config.seq_length}")
+        first = self.language_model.layers[0].self_attn
+        if first.key_cache is not None and first.key_cache.shape[:1] + first.key_cache.shape[2:3] == (batch, length):
+            return
+        for layer in self.language_model.layers:
+            layer.self_attn.allocate_cache(batch, length)
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        return {"input_ids": Tensor(input_ids, ms.int32)}
