@@ -40,9 +40,19 @@ def make_hf_llava(name="small", seed=0, vocab_size=VOCAB_SIZE):
         pad_token_id=PAD_TOKEN_ID,
     )
     model = LlavaForConditionalGeneration(config).eval()
+    # HF's default init (std 0.02, unit norms) makes a tiny model's logits near-uniform, which would let
+    # real bugs hide under the tolerance: scale weights so activations and logits are of order one.
     with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.08)  # HF's default init (std 0.02) makes tiny models near-uniform
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif param.dim() == 1:
+                param.normal_(0.0, 0.1)
+            elif "embed" in name:
+                param.normal_(0.0, 1.0)
+            else:
+                fan_in = param[0].numel()
+                param.normal_(0.0, 1.5 / fan_in ** 0.5)
     return model
 
 

@@ -233,3 +233,40 @@ def check_complete(seen, layout, source):
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{more}")
+
+
+def resolve_checkpoint_file(path):
+    """A `.ckpt` file, or a directory holding exactly one (the layout MindFormers writes)."""
+    if os.path.isdir(path):
+        files = sorted(name for name in os.listdir(path) if name.endswith(".ckpt"))
+        if len(files) != 1:
+            raise CheckpointError(f"{path}: expected one .ckpt file in the directory, found {len(files)}"
+                                  + (f" ({', '.join(files)})" if files else ""))
+        return os.path.join(path, files[0])
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint_into(model, path, progress=None):
+    """Load a LLaVA `.ckpt` into `model`, one tensor at a time, checking every name and shape first.
+
+    Raises CheckpointError naming the first unexpected, mis-shaped or missing tensor. Values are cast to
+    each parameter's dtype (a float16 checkpoint loads into a float32 CPU model and back).
+    """
+    import mindspore as ms
+
+    path = resolve_checkpoint_file(path)
+    parameters = {name: param for name, param in model.parameters_and_names()
+                  if not name.endswith(RUNTIME_STATE_SUFFIXES)}
+    layout = {name: tuple(param.shape) for name, param in parameters.items()}
+    seen = set()
+    for name, array in iter_checkpoint(path):
+        check_tensor(name, array.shape, layout, path)
+        parameter = parameters[name]
+        parameter.set_data(ms.Tensor(array).astype(parameter.dtype))
+        seen.add(name)
+        if progress is not None:
+            progress(len(seen), len(layout))
+    check_complete(seen, layout, path)
+    return path

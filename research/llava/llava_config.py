@@ -83,6 +83,7 @@ class LlavaCLIPConfig(PretrainedConfig):
         return layer if layer >= 0 else self.num_hidden_layers + layer + 1
 
 
+@MindFormerRegister.register(MindFormerModuleType.CONFIG)
 class LlavaTextConfig(PretrainedConfig):
     """LLaMA decoder (defaults: LLaMA-2-7B / Vicuna-7B with llava-hf's 32064 vocabulary)."""
 

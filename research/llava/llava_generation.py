@@ -83,9 +83,9 @@ def sample_next(logits, settings, rng):
         drop = np.zeros_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, -1)
         logits = np.where(drop, -np.inf, logits)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = np.exp((logits - logits.max(-1, keepdims=True)).astype(np.float64))
     probs /= probs.sum(-1, keepdims=True)
-    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs.astype(np.float64)])
+    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
 
 
 class GenerationLoop:

@@ -1,0 +1,197 @@
+"""MindFormers-style command line for LLaVA-1.5.
+
+    python run_mindformer.py --config research/llava/llava1_5_7B/predict_llava1_5_7b.yaml \
+        --register_path research/llava --run_mode predict \
+        --predict_data demo.jpeg 'Describe the image in English:' --modal_type image text \
+        --load_checkpoint llava.ckpt --use_parallel False --auto_trans_ckpt False
+
+Classes come from the YAML's `type:` / `auto_register:` keys through MindFormers' registry. Each answer is
+printed, and OUTPUT_DIR/predict_results.jsonl gets one object per input:
+{"image", "prompt", "text", "token_ids"} (token_ids: the generated ids only).
+"""
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+
+import yaml
+
+os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings; --verbose lowers it
+
+
+def str_to_bool(value):
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML file")
+    parser.add_argument("--register_path", default=None,
+                        help="directory of the plugin's modules (auto_register keys resolve there)")
+    parser.add_argument("--run_mode", default=None, choices=["predict"])
+    parser.add_argument("--predict_data", nargs="+", default=None,
+                        help="inputs in the order of --modal_type, repeated per example: IMAGE TEXT [IMAGE TEXT ...]")
+    parser.add_argument("--modal_type", nargs="+", default=None, help="modality of each item: image text")
+    parser.add_argument("--load_checkpoint", default=None, help="a .ckpt file, or a directory holding one")
+    parser.add_argument("--use_parallel", type=str_to_bool, default=None)
+    parser.add_argument("--auto_trans_ckpt", type=str_to_bool, default=None)
+    parser.add_argument("--device_target", default=None, choices=["CPU", "Ascend", "GPU"])
+    parser.add_argument("--mode", type=int, default=None, choices=[0, 1], help="0 graph, 1 PyNative")
+    parser.add_argument("--output_dir", default=None)
+    parser.add_argument("--predict_batch_size", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override YAML values by dotted path, e.g. model.model_config.seq_length=1024")
+    parser.add_argument("--verbose", action="store_true", help="MindSpore/MindFormers logs and tracebacks")
+    return parser.parse_args(argv)
+
+
+def set_by_path(config, dotted_key, value):
+    """config['a']['b']['c'] = value for 'a.b.c'; missing levels are created."""
+    *parents, last = dotted_key.split(".")
+    node = config
+    for key in parents:
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+    node[last] = value
+
+
+def load_config(args):
+    """The YAML with --options and the command-line flags applied (flags win)."""
+    from mindformers.tools.register import MindFormerConfig
+
+    if not os.path.isfile(args.config):
+        raise FileNotFoundError(f"config file not found: {args.config}")
+    config = MindFormerConfig(args.config)
+    for option in args.options:
+        if "=" not in option:
+            raise ValueError(f"--options takes KEY=VALUE, got {option!r}")
+        key, raw = option.split("=", 1)
+        set_by_path(config, key, yaml.safe_load(raw))
+    flags = {"run_mode": args.run_mode, "load_checkpoint": args.load_checkpoint, "use_parallel": args.use_parallel,
+             "auto_trans_ckpt": args.auto_trans_ckpt, "output_dir": args.output_dir, "seed": args.seed,
+             "context.device_target": args.device_target, "context.mode": args.mode,
+             "model.model_config.batch_size": args.predict_batch_size}
+    for key, value in flags.items():
+        if value is not None:
+            set_by_path(config, key, value)
+    return config
+
+
+def register_plugin(register_path):
+    """Make `auto_register: module.Class` keys resolvable, and the plugin's sibling imports work."""
+    if not register_path:
+        return
+    path = os.path.realpath(register_path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--register_path is not a directory: {register_path}")
+    os.environ["REGISTER_PATH"] = path
+    sys.path.insert(0, path)
+
+
+def predict_examples(predict_data, modal_type):
+    """Group --predict_data by --modal_type into [{"image": path or None, "prompt": text}]."""
+    modal_type = modal_type or ["text"]
+    unknown = sorted(set(modal_type) - {"image", "text"})
+    if unknown or modal_type.count("text") != 1:
+        raise ValueError(f"--modal_type takes 'image' and exactly one 'text', got {modal_type}")
+    if not predict_data or len(predict_data) % len(modal_type):
+        raise ValueError(f"--predict_data needs {len(modal_type)} items per example ({' '.join(modal_type)}), "
+                         f"got {len(predict_data or [])}")
+    examples = []
+    for start in range(0, len(predict_data), len(modal_type)):
+        items = dict(zip(modal_type, predict_data[start:start + len(modal_type)]))
+        examples.append({"image": items.get("image"), "prompt": items["text"]})
+    return examples
+
+
+def build_components(config):
+    """Model, tokenizer and processor from the YAML through MindFormers' registry."""
+    from mindformers.models.build_model import build_network
+    from mindformers.models.build_tokenizer import build_tokenizer
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+    model = build_network(config.model)
+    processor_config = copy.deepcopy(config.processor)
+    tokenizer = build_tokenizer(processor_config.pop("tokenizer"))
+    processor = MindFormerRegister.get_instance_from_cfg(
+        processor_config, MindFormerModuleType.PROCESSOR,
+        default_args={"tokenizer": tokenizer, "num_image_features": model.num_image_features,
+                      "max_length": model.config.seq_length})
+    from llava_tokenizer import check_vocab_fits
+    check_vocab_fits(tokenizer, model.config.text_config.vocab_size, model.config.image_token_id)
+    return model, tokenizer, processor
+
+
+def run_predict(config, examples, log):
+    from llava_checkpoint import load_checkpoint_into
+    from llava_runtime import set_up_context
+
+    context = config.get("context") or {}
+    set_up_context(device_target=context.get("device_target", "CPU"), mode=context.get("mode", 1))
+    if not config.get("load_checkpoint"):
+        raise ValueError("no checkpoint: pass --load_checkpoint (a .ckpt file from convert_weight.py)")
+    started = time.time()
+    model, tokenizer, processor = build_components(config)
+    load_checkpoint_into(model, config.load_checkpoint)
+    log.info("model built and checkpoint %s loaded in %.1f s", config.load_checkpoint, time.time() - started)
+
+    batch_size = int(config.model.model_config.get("batch_size") or 1)
+    results = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        inputs = processor([item["prompt"] for item in batch], [item["image"] for item in batch])
+        outputs = model.generate(inputs["input_ids"], pixel_values=inputs["pixel_values"], seed=config.get("seed"))
+        for item, prompt_ids, output in zip(batch, inputs["input_ids"], outputs):
+            generated = [int(token) for token in output[len(prompt_ids):]]
+            text = tokenizer.decode(generated, skip_special_tokens=True).strip()
+            results.append({"image": item["image"], "prompt": item["prompt"], "text": text, "token_ids": generated})
+            print(f"{item['prompt']}\n{text}\n", flush=True)
+
+    output_dir = config.get("output_dir") or "./output"
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "predict_results.jsonl")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for result in results:
+            f.write(json.dumps(result, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+    log.info("results written to %s", path)
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.INFO if args.verbose else logging.WARNING)
+    log = logging.getLogger("llava")
+    if args.verbose:
+        os.environ["GLOG_v"] = "2"
+    try:
+        register_plugin(args.register_path)
+        config = load_config(args)
+        run_mode = config.get("run_mode") or "predict"
+        if run_mode != "predict":
+            raise ValueError(f"run_mode {run_mode!r} is not supported; use predict")
+        examples = predict_examples(args.predict_data, args.modal_type)
+        run_predict(config, examples, log)
+    except (ValueError, TypeError, OSError, KeyError) as error:
+        if args.verbose:
+            traceback.print_exc()
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"run_mindformer.py: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

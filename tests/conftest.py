@@ -1,0 +1,11 @@
+"""Test set-up: the plugin directory and the test helpers importable, MindSpore on CPU in PyNative."""
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN = os.path.join(REPO, "research", "llava")
+REFERENCE_DIR = os.path.join(os.path.dirname(REPO), "shared", "reference")
+for path in (REPO, PLUGIN, os.path.join(REPO, "tests")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+os.environ.setdefault("GLOG_v", "3")
