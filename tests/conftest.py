@@ -9,3 +9,7 @@ for path in (REPO, PLUGIN, os.path.join(REPO, "tests")):
     if path not in sys.path:
         sys.path.insert(0, path)
 os.environ.setdefault("GLOG_v", "3")
+
+# MindSpore switches protobuf to its pure-Python mode; importing it after transformers has loaded protobuf
+# crashes, so it is imported first, whatever order the test modules come in.
+import mindspore  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
