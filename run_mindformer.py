@@ -20,7 +20,6 @@ import traceback
 
 import yaml
 
-os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ warnings; --verbose lowers it
 
 
 def str_to_bool(value):
@@ -174,10 +173,10 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO if args.verbose else logging.WARNING)
     log = logging.getLogger("llava")
-    if args.verbose:
-        os.environ["GLOG_v"] = "2"
     try:
         register_plugin(args.register_path)
+        from llava_runtime import quiet_logs
+        quiet_logs(args.output_dir or "./output", args.verbose)
         config = load_config(args)
         run_mode = config.get("run_mode") or "predict"
         if run_mode != "predict":

@@ -1,8 +1,6 @@
 """Process set-up shared by the command line, tests and benchmarks: MindSpore context and CPU threads."""
 import os
 
-import mindspore as ms
-
 _cpu_threads_set = False
 
 
@@ -14,6 +12,8 @@ def set_up_context(device_target="CPU", mode=1, threads=None):
     asynchronous launch is switched off: with it a tiny model's 16-token generation took 4.0 s, without
     it 0.17 s (the launcher thread fights the op threads for 2 cores).
     """
+    import mindspore as ms  # pylint: disable=import-outside-toplevel  (quiet_logs must run before it)
+
     global _cpu_threads_set
     if mode not in (0, 1):
         raise ValueError(f"mode must be 0 (graph) or 1 (PyNative), got {mode}")
@@ -22,3 +22,30 @@ def set_up_context(device_target="CPU", mode=1, threads=None):
         ms.device_context.cpu.op_tuning.threads_num(threads or len(os.sched_getaffinity(0)))
         ms.runtime.launch_blocking()
         _cpu_threads_set = True
+
+
+def quiet_logs(output_dir, verbose=False):
+    """Keep MindSpore/MindFormers quiet unless `verbose`, and keep their files under `output_dir`.
+
+    Call before the first `import mindformers`: its logger writes to LOCAL_DEFAULT_PATH/log, its dynamic
+    module cache (where `auto_register` copies plugin files) defaults to ./modules, and at import it warns
+    about optional packages this plugin does not use. No hub is ever contacted.
+    """
+    import contextlib
+    import io
+    import logging
+
+    output_dir = os.path.abspath(output_dir)
+    os.environ.setdefault("LOCAL_DEFAULT_PATH", output_dir)
+    os.environ.setdefault("OM_MODULES_CACHE", os.path.join(output_dir, "modules"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ["GLOG_v"] = "1" if verbose else "3"
+    if verbose:
+        import mindformers  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        import mindformers  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+    for handler in logging.getLogger("mindformers").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)

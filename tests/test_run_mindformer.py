@@ -1,0 +1,141 @@
+"""run_mindformer.py end to end: the 7B YAML's key paths shrunk to a tiny model, a converted checkpoint and
+the LLaMA-2 tokenizer; the generated ids equal HuggingFace greedy on the same prompt. Bad inputs exit 2 with
+one clear line."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import REFERENCE_DIR, REPO
+from convert_weight import convert_llava
+from hf_reference import make_hf_llava, save_hf_checkpoint
+from llava_processor import LlavaProcessor
+from llava_tokenizer import LlavaTokenizer
+
+TOKENIZER = os.path.join(REFERENCE_DIR, "llama2_tokenizer.model")
+YAML_7B = os.path.join(REPO, "research", "llava", "llava1_5_7B", "predict_llava1_5_7b.yaml")
+QUESTION = "What is shown in this image?"
+NEW_TOKENS = 20
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(TOKENIZER), reason=f"reference tokenizer absent: {TOKENIZER}")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny HF model, its converted checkpoint, a tiny YAML written from the 7B one, and an image."""
+    root = tmp_path_factory.mktemp("run")
+    hf_model = make_hf_llava("small", seed=11)
+    save_hf_checkpoint(hf_model, str(root / "hf"))
+    convert_llava(str(root / "hf"), str(root / "tiny.ckpt"), progress=False)
+    with open(YAML_7B) as f:
+        config = yaml.safe_load(f)
+    model_config = config["model"]["model_config"]
+    vision = hf_model.config.vision_config
+    text = hf_model.config.text_config
+    model_config["vision_config"]["model_config"].update(
+        hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+        num_hidden_layers=vision.num_hidden_layers, num_attention_heads=vision.num_attention_heads,
+        image_size=vision.image_size, patch_size=vision.patch_size)
+    model_config["text_config"]["model_config"].update(
+        hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+        num_layers=text.num_hidden_layers, num_heads=text.num_attention_heads)
+    model_config.update(seq_length=128, max_new_tokens=NEW_TOKENS)
+    config["processor"].update(image_size=vision.image_size, max_length=128)
+    config["processor"]["tokenizer"]["vocab_file"] = TOKENIZER
+    with open(root / "tiny.yaml", "w") as f:
+        yaml.safe_dump(config, f)
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((45, 60, 3)) * 255).astype(np.uint8)).save(root / "photo.png")
+    return {"root": root, "hf": hf_model, "yaml": str(root / "tiny.yaml"), "ckpt": str(root / "tiny.ckpt"),
+            "image": str(root / "photo.png")}
+
+
+def command(setup, image=None, question=QUESTION, checkpoint=None, options=()):
+    # The CPU/float32 settings go through --device_target and --options, as a user would override the 7B YAML.
+    return ["--config", setup["yaml"], "--register_path", os.path.join(REPO, "research", "llava"),
+            "--run_mode", "predict", "--predict_data", image or setup["image"], question,
+            "--modal_type", "image", "text", "--load_checkpoint", checkpoint or setup["ckpt"],
+            "--use_parallel", "False", "--auto_trans_ckpt", "False", "--device_target", "CPU",
+            "--output_dir", str(setup["root"] / "out"),
+            "--options", "model.model_config.compute_dtype=float32", "model.model_config.param_init_type=float32",
+            *options]
+
+
+def hf_greedy_ids(setup):
+    tokenizer = LlavaTokenizer(TOKENIZER)
+    processor = LlavaProcessor(tokenizer, num_image_features=4, max_length=128, image_size=28)
+    inputs = processor([QUESTION], [setup["image"]])
+    ids = inputs["input_ids"][0]
+    with torch.no_grad():
+        out = setup["hf"].generate(input_ids=torch.tensor([ids]), pixel_values=torch.tensor(inputs["pixel_values"]),
+                                   max_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[0, len(ids):].tolist(), tokenizer
+
+
+def run_cli(setup, **kwargs):
+    return subprocess.run([sys.executable, os.path.join(REPO, "run_mindformer.py"), *command(setup, **kwargs)],
+                          capture_output=True, text=True, cwd=str(setup["root"]), timeout=300)
+
+
+def test_predict_gives_hf_greedy_tokens(setup):
+    result = run_cli(setup)
+    assert result.returncode == 0, result.stderr
+    with open(setup["root"] / "out" / "predict_results.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    expected, tokenizer = hf_greedy_ids(setup)
+    assert len(rows) == 1
+    assert rows[0]["token_ids"] == expected
+    assert rows[0]["image"] == setup["image"] and rows[0]["prompt"] == QUESTION
+    assert rows[0]["text"] == tokenizer.decode(expected, skip_special_tokens=True).strip()
+    assert rows[0]["text"] in result.stdout
+    assert result.stderr.strip() == ""  # quiet by default
+    assert not os.path.exists(setup["root"] / "modules")  # MindFormers' module cache stays under output_dir
+
+
+def run_failing(setup, **kwargs):
+    result = run_cli(setup, **kwargs)
+    error = result.stderr.strip()
+    assert result.returncode == 2, error
+    assert len(error.splitlines()) == 1, error
+    assert error.startswith("run_mindformer.py: error: ")
+    return error
+
+
+def test_missing_image(setup):
+    assert "does not exist" in run_failing(setup, image=str(setup["root"] / "nope.jpg"))
+
+
+def test_unsupported_image_type(setup):
+    path = setup["root"] / "notes.txt"
+    path.write_text("not an image")
+    error = run_failing(setup, image=str(path))
+    assert "notes.txt" in error and "png" in error
+
+
+def test_corrupt_image(setup):
+    path = setup["root"] / "broken.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    assert "broken.png" in run_failing(setup, image=str(path))
+
+
+def test_checkpoint_that_does_not_fit_the_config(setup):
+    error = run_failing(setup, options=["model.model_config.text_config.model_config.num_layers=3"])
+    assert "missing tensor 'language_model.layers.2." in error
+    error = run_failing(setup, options=["model.model_config.text_config.model_config.intermediate_size=96"])
+    assert "has shape" in error and "expects" in error
+
+
+def test_prompt_longer_than_the_context(setup):
+    error = run_failing(setup, question="word " * 200)
+    assert "seq_length" in error or "context" in error
+
+
+def test_wrong_vocab_file(setup):
+    error = run_failing(setup, options=[f"processor.tokenizer.vocab_file={setup['image']}"])
+    assert "photo.png" in error
