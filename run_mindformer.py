@@ -5,6 +5,11 @@
         --predict_data demo.jpeg 'Describe the image in English:' --modal_type image text \
         --load_checkpoint llava.ckpt --use_parallel False --auto_trans_ckpt False
 
+`--run_mode finetune` trains instead, as the YAML's training sections say (research/llava/train_llava.py):
+
+    python run_mindformer.py --config research/llava/llava_tiny/finetune_llava_tiny.yaml \
+        --register_path research/llava --run_mode finetune
+
 Classes come from the YAML's `type:` / `auto_register:` keys through MindFormers' registry. Each answer is
 printed, and OUTPUT_DIR/predict_results.jsonl gets one object per input:
 {"image", "prompt", "text", "token_ids"} (token_ids: the generated ids only).
@@ -37,7 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", required=True, help="YAML file")
     parser.add_argument("--register_path", default=None,
                         help="directory of the plugin's modules (auto_register keys resolve there)")
-    parser.add_argument("--run_mode", default=None, choices=["predict"])
+    parser.add_argument("--run_mode", default=None, choices=["predict", "finetune"],
+                        help="predict: answer --predict_data; finetune: train as the YAML says (train_llava.py)")
     parser.add_argument("--predict_data", nargs="+", default=None,
                         help="inputs in the order of --modal_type, repeated per example: IMAGE TEXT [IMAGE TEXT ...]")
     parser.add_argument("--modal_type", nargs="+", default=None, help="modality of each item: image text")
@@ -133,17 +139,41 @@ def build_components(config):
     return model, tokenizer, processor
 
 
+def set_up_parallel(config):
+    """With --use_parallel: join the msrun job and check its size. Returns this process' rank."""
+    parallel = config.get("parallel_config") or {}
+    model_parallel = int(parallel.get("model_parallel") or 1)
+    data_parallel = int(parallel.get("data_parallel") or 1)
+    if not config.get("use_parallel"):
+        config.model.model_config.model_parallel = 1
+        return 0
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    world = get_group_size()
+    if world != model_parallel * data_parallel:
+        raise ValueError(f"world size {world} != model_parallel {model_parallel} x data_parallel {data_parallel}: "
+                         "launch as many workers as the parallel_config asks for")
+    if data_parallel != 1:
+        raise ValueError(f"data_parallel {data_parallel} is not supported for predict; set data_parallel: 1")
+    config.model.model_config.model_parallel = model_parallel
+    return get_rank()
+
+
 def run_predict(config, examples, log):
-    from llava_checkpoint import load_checkpoint_into
     from llava_runtime import set_up_context
+    from llava_sharding import load_model_weights
 
     context = config.get("context") or {}
     set_up_context(device_target=context.get("device_target", "CPU"), mode=context.get("mode", 1))
+    rank = set_up_parallel(config)
     if not config.get("load_checkpoint"):
         raise ValueError("no checkpoint: pass --load_checkpoint (a .ckpt file from convert_weight.py)")
+    output_dir = config.get("output_dir") or "./output"
     started = time.time()
     model, tokenizer, processor = build_components(config)
-    load_checkpoint_into(model, config.load_checkpoint)
+    load_model_weights(model, config.load_checkpoint, auto_trans_ckpt=bool(config.get("auto_trans_ckpt")),
+                       save_shards_to=os.path.join(output_dir, "transformed_checkpoint"))
     log.info("model built and checkpoint %s loaded in %.1f s", config.load_checkpoint, time.time() - started)
 
     batch_size = int(config.model.model_config.get("batch_size") or 1)
@@ -156,9 +186,11 @@ def run_predict(config, examples, log):
             generated = [int(token) for token in output[len(prompt_ids):]]
             text = tokenizer.decode(generated, skip_special_tokens=True).strip()
             results.append({"image": item["image"], "prompt": item["prompt"], "text": text, "token_ids": generated})
-            print(f"{item['prompt']}\n{text}\n", flush=True)
+            if rank == 0:
+                print(f"{item['prompt']}\n{text}\n", flush=True)
 
-    output_dir = config.get("output_dir") or "./output"
+    if rank != 0:
+        return results
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "predict_results.jsonl")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -179,8 +211,12 @@ def main(argv=None):
         quiet_logs(args.output_dir or "./output", args.verbose)
         config = load_config(args)
         run_mode = config.get("run_mode") or "predict"
+        if run_mode == "finetune":
+            from train_llava import run_finetune
+            run_finetune(config, log=lambda message: print(message, flush=True))
+            return 0
         if run_mode != "predict":
-            raise ValueError(f"run_mode {run_mode!r} is not supported; use predict")
+            raise ValueError(f"run_mode {run_mode!r} is not supported; use predict or finetune")
         examples = predict_examples(args.predict_data, args.modal_type)
         run_predict(config, examples, log)
     except (ValueError, TypeError, OSError, KeyError) as error:

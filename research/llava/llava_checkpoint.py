@@ -79,11 +79,20 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit what was expected; the message names the tensor."""
 
 
+# Values rounded to bfloat16 per slice: whole-tensor float32/uint32 temporaries would be several times the
+# size of a 7B embedding (263 MB in float16) and dominate a conversion's peak memory.
+_BFLOAT16_SLICE = 1 << 22
+
+
 def _float_to_bfloat16_bits(array):
-    """float32 -> bfloat16 bit patterns (round to nearest even), as uint16."""
-    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
-    rounding = ((bits >> 16) & 1) + 0x7FFF
-    return ((bits + rounding) >> 16).astype(np.uint16)
+    """float -> bfloat16 bit patterns (round to nearest even), as uint16 of the same shape."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    out = np.empty(flat.size, dtype=np.uint16)
+    for start in range(0, flat.size, _BFLOAT16_SLICE):
+        bits = flat[start:start + _BFLOAT16_SLICE].astype(np.float32).view(np.uint32)
+        rounding = ((bits >> 16) & 1) + 0x7FFF
+        out[start:start + _BFLOAT16_SLICE] = (bits + rounding) >> 16
+    return out.reshape(np.shape(array))
 
 
 def _bfloat16_bits_to_float(bits):
@@ -248,25 +257,28 @@ def resolve_checkpoint_file(path):
     return path
 
 
-def load_checkpoint_into(model, path, progress=None):
-    """Load a LLaVA `.ckpt` into `model`, one tensor at a time, checking every name and shape first.
-
-    Raises CheckpointError naming the first unexpected, mis-shaped or missing tensor. Values are cast to
-    each parameter's dtype (a float16 checkpoint loads into a float32 CPU model and back).
-    """
-    import mindspore as ms
-
+def load_checkpoint_into(model, path):
+    """Load a LLaVA `.ckpt` (file, or directory holding one) into `model`, one tensor at a time."""
     path = resolve_checkpoint_file(path)
+    load_tensors_into(model, iter_checkpoint(path), path)
+    return path
+
+
+def load_tensors_into(model, tensors, source):
+    """Set `model`'s parameters from (name, numpy array) pairs, checking every name and shape.
+
+    Raises CheckpointError naming the first unexpected, mis-shaped or missing tensor of `source`. Values are
+    cast to each parameter's dtype (a float16 checkpoint loads into a float32 CPU model and back).
+    """
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+
     parameters = {name: param for name, param in model.parameters_and_names()
                   if not name.endswith(RUNTIME_STATE_SUFFIXES)}
     layout = {name: tuple(param.shape) for name, param in parameters.items()}
     seen = set()
-    for name, array in iter_checkpoint(path):
-        check_tensor(name, array.shape, layout, path)
+    for name, array in tensors:
+        check_tensor(name, array.shape, layout, source)
         parameter = parameters[name]
         parameter.set_data(ms.Tensor(array).astype(parameter.dtype))
         seen.add(name)
-        if progress is not None:
-            progress(len(seen), len(layout))
-    check_complete(seen, layout, path)
-    return path
+    check_complete(seen, layout, source)

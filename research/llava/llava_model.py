@@ -32,14 +32,44 @@ def mindspore_dtype(name):
     return _DTYPES[name]
 
 
-class Linear(nn.Cell):
-    """y = x @ weight (+ bias); weight stored [in_features, out_features] (fastest for the CPU matmul)."""
+class TensorParallel:
+    """This process' place in the model-parallel group: `size` ranks, this one is `rank`.
 
-    def __init__(self, in_features, out_features, bias=True, compute_dtype=ms.float32, param_dtype=ms.float32):
+    Column-parallel linears keep out_features/size output columns (no communication: the heads or MLP
+    channels they produce are this rank's own); row-parallel linears keep in_features/size input rows and
+    sum the partial products with one AllReduce, so every attention and MLP block costs one AllReduce.
+    """
+
+    def __init__(self, size=1, rank=0):
+        self.size = size
+        self.rank = rank
+
+    def __repr__(self):
+        return f"TensorParallel(size={self.size}, rank={self.rank})"
+
+
+SINGLE_DEVICE = TensorParallel()
+
+
+class Linear(nn.Cell):
+    """y = x @ weight (+ bias); weight stored [in_features, out_features] (fastest for the CPU matmul).
+
+    parallel: None (replicated), "column" (this rank's out_features/size columns) or "row" (this rank's
+    in_features/size rows; partial results are summed across ranks before the bias).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, compute_dtype=ms.float32, param_dtype=ms.float32,
+                 parallel=None, tensor_parallel=SINGLE_DEVICE):
         super().__init__()
+        size = tensor_parallel.size
+        if parallel == "column":
+            out_features = _shard_size(out_features, size, "output features")
+        elif parallel == "row":
+            in_features = _shard_size(in_features, size, "input features")
         self.weight = Parameter(initializer(Normal(0.02), (in_features, out_features), param_dtype), name="weight")
         self.bias = Parameter(initializer("zeros", (out_features,), param_dtype), name="bias") if bias else None
         self.compute_dtype = compute_dtype
+        self.all_reduce = ops.AllReduce() if parallel == "row" and size > 1 else None
         self.matmul = ops.MatMul()
         self.add = ops.Add()
         self.cast = ops.Cast()
@@ -49,9 +79,17 @@ class Linear(nn.Cell):
         leading = x.shape[:-1]
         x = self.cast(x.reshape(-1, x.shape[-1]), self.compute_dtype)
         y = self.matmul(x, self.cast(self.weight, self.compute_dtype))
+        if self.all_reduce is not None:
+            y = self.all_reduce(y)
         if self.bias is not None:
             y = self.add(y, self.cast(self.bias, self.compute_dtype))
         return y.reshape(leading + (y.shape[-1],))
+
+
+def _shard_size(total, size, what):
+    if total % size:
+        raise ValueError(f"model_parallel={size} does not divide the {total} {what}")
+    return total // size
 
 
 class LayerNorm(nn.Cell):
@@ -146,10 +184,12 @@ class CLIPEmbeddings(nn.Cell):
 
 
 class CLIPMLP(nn.Cell):
-    def __init__(self, config, compute_dtype):
+    def __init__(self, config, compute_dtype, tensor_parallel):
         super().__init__()
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size, compute_dtype=compute_dtype)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size, compute_dtype=compute_dtype)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, compute_dtype=compute_dtype,
+                          parallel="column", tensor_parallel=tensor_parallel)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, compute_dtype=compute_dtype,
+                          parallel="row", tensor_parallel=tensor_parallel)
         self.sigmoid = ops.Sigmoid()
 
     def construct(self, x):
@@ -158,15 +198,17 @@ class CLIPMLP(nn.Cell):
 
 
 class CLIPSelfAttention(nn.Cell):
-    def __init__(self, config, compute_dtype):
+    def __init__(self, config, compute_dtype, tensor_parallel):
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.q_proj = Linear(hidden, hidden, compute_dtype=compute_dtype)
-        self.k_proj = Linear(hidden, hidden, compute_dtype=compute_dtype)
-        self.v_proj = Linear(hidden, hidden, compute_dtype=compute_dtype)
-        self.out_proj = Linear(hidden, hidden, compute_dtype=compute_dtype)
-        self.attention = Attention(hidden // self.num_heads)
+        self.num_heads = _shard_size(config.num_attention_heads, tensor_parallel.size, "vision attention heads")
+        column = dict(compute_dtype=compute_dtype, parallel="column", tensor_parallel=tensor_parallel)
+        self.q_proj = Linear(hidden, hidden, **column)
+        self.k_proj = Linear(hidden, hidden, **column)
+        self.v_proj = Linear(hidden, hidden, **column)
+        self.out_proj = Linear(hidden, hidden, compute_dtype=compute_dtype, parallel="row",
+                               tensor_parallel=tensor_parallel)
+        self.attention = Attention(hidden // config.num_attention_heads)
 
     def construct(self, x):
         """x [N, 1+P, Hv] -> [N, 1+P, Hv]; every token sees every token."""
@@ -177,12 +219,12 @@ class CLIPSelfAttention(nn.Cell):
 
 
 class CLIPEncoderLayer(nn.Cell):
-    def __init__(self, config, compute_dtype):
+    def __init__(self, config, compute_dtype, tensor_parallel):
         super().__init__()
         self.layer_norm1 = LayerNorm(config.hidden_size, config.layer_norm_eps)
-        self.self_attn = CLIPSelfAttention(config, compute_dtype)
+        self.self_attn = CLIPSelfAttention(config, compute_dtype, tensor_parallel)
         self.layer_norm2 = LayerNorm(config.hidden_size, config.layer_norm_eps)
-        self.mlp = CLIPMLP(config, compute_dtype)
+        self.mlp = CLIPMLP(config, compute_dtype, tensor_parallel)
 
     def construct(self, x):
         x = x + self.self_attn(self.layer_norm1(x)).astype(ms.float32)
@@ -192,11 +234,11 @@ class CLIPEncoderLayer(nn.Cell):
 class CLIPVisionTower(nn.Cell):
     """Image -> the hidden state of encoder layer `vision_feature_layer`; later layers are not built."""
 
-    def __init__(self, config, compute_dtype):
+    def __init__(self, config, compute_dtype, tensor_parallel):
         super().__init__()
         self.embeddings = CLIPEmbeddings(config, compute_dtype)
         self.pre_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps)
-        self.layers = nn.CellList([CLIPEncoderLayer(config, compute_dtype)
+        self.layers = nn.CellList([CLIPEncoderLayer(config, compute_dtype, tensor_parallel)
                                    for _ in range(config.num_computed_layers)])
         self.drop_class_token = config.vision_feature_select_strategy == "default"
 
@@ -243,15 +285,17 @@ def apply_rotary(x, cos, sin):
 
 
 class LlamaAttention(nn.Cell):
-    def __init__(self, config, compute_dtype):
+    def __init__(self, config, compute_dtype, tensor_parallel):
         super().__init__()
         hidden = config.hidden_size
-        self.num_heads = config.num_heads
+        self.num_heads = _shard_size(config.num_heads, tensor_parallel.size, "text attention heads")
         self.head_dim = config.head_dim
-        self.q_proj = Linear(hidden, hidden, bias=False, compute_dtype=compute_dtype)
-        self.k_proj = Linear(hidden, hidden, bias=False, compute_dtype=compute_dtype)
-        self.v_proj = Linear(hidden, hidden, bias=False, compute_dtype=compute_dtype)
-        self.o_proj = Linear(hidden, hidden, bias=False, compute_dtype=compute_dtype)
+        column = dict(bias=False, compute_dtype=compute_dtype, parallel="column", tensor_parallel=tensor_parallel)
+        self.q_proj = Linear(hidden, hidden, **column)
+        self.k_proj = Linear(hidden, hidden, **column)
+        self.v_proj = Linear(hidden, hidden, **column)
+        self.o_proj = Linear(hidden, hidden, bias=False, compute_dtype=compute_dtype, parallel="row",
+                             tensor_parallel=tensor_parallel)
         self.attention = Attention(self.head_dim)
         self.write_cache = ops.ScatterNdUpdate()
         self.key_cache = None
@@ -288,11 +332,13 @@ class LlamaAttention(nn.Cell):
 class LlamaMLP(nn.Cell):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config, compute_dtype):
+    def __init__(self, config, compute_dtype, tensor_parallel):
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False, compute_dtype=compute_dtype)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False, compute_dtype=compute_dtype)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False, compute_dtype=compute_dtype)
+        column = dict(bias=False, compute_dtype=compute_dtype, parallel="column", tensor_parallel=tensor_parallel)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, **column)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, **column)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False, compute_dtype=compute_dtype,
+                                parallel="row", tensor_parallel=tensor_parallel)
         self.sigmoid = ops.Sigmoid()
 
     def construct(self, x):
@@ -301,12 +347,12 @@ class LlamaMLP(nn.Cell):
 
 
 class LlamaDecoderLayer(nn.Cell):
-    def __init__(self, config, compute_dtype):
+    def __init__(self, config, compute_dtype, tensor_parallel):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, compute_dtype)
+        self.self_attn = LlamaAttention(config, compute_dtype, tensor_parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, compute_dtype)
+        self.mlp = LlamaMLP(config, compute_dtype, tensor_parallel)
 
     def construct(self, x, cos, sin, mask, cache_index=None, attend_to_cache=False):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_index, attend_to_cache).astype(ms.float32)
@@ -314,12 +360,13 @@ class LlamaDecoderLayer(nn.Cell):
 
 
 class LlamaModel(nn.Cell):
-    def __init__(self, config, max_positions, compute_dtype):
+    def __init__(self, config, max_positions, compute_dtype, tensor_parallel):
         super().__init__()
         self.embed_tokens = nn.Cell()
         self.embed_tokens.weight = Parameter(
             initializer(Normal(0.02), (config.vocab_size, config.hidden_size), ms.float32), name="weight")
-        self.layers = nn.CellList([LlamaDecoderLayer(config, compute_dtype) for _ in range(config.num_layers)])
+        self.layers = nn.CellList([LlamaDecoderLayer(config, compute_dtype, tensor_parallel)
+                                   for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.cos, self.sin = rotary_tables(config.head_dim, max_positions, config.rope_theta)
         self.gather = ops.Gather()
@@ -346,6 +393,21 @@ def causal_mask(length):
 # LLaVA
 # ----------------------------------------------------------------------------------------------------------
 
+def tensor_parallel_of(config):
+    """This process' TensorParallel: single device, or its rank in the initialised communication group."""
+    size = config.model_parallel
+    if size == 1:
+        return SINGLE_DEVICE
+    from mindspore.communication import get_group_size, get_rank  # pylint: disable=import-outside-toplevel
+    try:
+        world, rank = get_group_size(), get_rank()
+    except RuntimeError as error:
+        raise RuntimeError(f"model_parallel={size} needs the distributed launch (msrun, init()): {error}") from error
+    if world != size:
+        raise ValueError(f"world size {world} != model_parallel {size} x data_parallel 1")
+    return TensorParallel(size, rank)
+
+
 @MindFormerRegister.register(MindFormerModuleType.MODELS)
 class LlavaVlm(GenerationLoop, PreTrainedModel):
     """LLaVA-1.5: each `<image>` id in a prompt is replaced, in order, by one projected image feature.
@@ -363,9 +425,13 @@ class LlavaVlm(GenerationLoop, PreTrainedModel):
         text = config.text_config
         self.image_token_id = config.image_token_id
         self.num_image_features = config.vision_config.num_image_features
-        self.vision_tower = CLIPVisionTower(config.vision_config, compute_dtype)
+        # Attention and MLP blocks are split across the model-parallel ranks; the embeddings, projector and
+        # lm_head (4% of 7B's weights) are replicated, which saves a collective per lookup and an AllGather
+        # of the logits at every decode step.
+        self.tensor_parallel = tensor_parallel_of(config)
+        self.vision_tower = CLIPVisionTower(config.vision_config, compute_dtype, self.tensor_parallel)
         self.projector = Projector(config.vision_config.hidden_size, text.hidden_size, compute_dtype)
-        self.language_model = LlamaModel(text, config.seq_length, compute_dtype)
+        self.language_model = LlamaModel(text, config.seq_length, compute_dtype, self.tensor_parallel)
         self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False, compute_dtype=compute_dtype)
         self.gather = ops.Gather()
 
@@ -439,7 +505,7 @@ class LlavaVlm(GenerationLoop, PreTrainedModel):
     def _cache_index(self, positions):
         """positions [B, T] -> scatter indices [B*H*T, 3] of (batch, head, position), the cache's order."""
         batch, steps = positions.shape
-        heads = self.config.text_config.num_heads
+        heads = self.language_model.layers[0].self_attn.num_heads  # this rank's heads
         index = np.empty((batch, heads, steps, 3), np.int32)
         index[..., 0] = np.arange(batch, dtype=np.int32)[:, None, None]
         index[..., 1] = np.arange(heads, dtype=np.int32)[None, :, None]

@@ -1,0 +1,126 @@
+"""Tensor-parallel checkpoints: which axis of each parameter is split across model-parallel ranks, slicing a
+full checkpoint while it streams in, and the per-rank layout `DIR/rank_K/*.ckpt`.
+
+The split follows the model (see `Linear` in llava_model.py): weights are stored [in, out], so
+column-parallel linears (q/k/v, fc1, gate/up) split axis 1 and their biases axis 0; row-parallel linears
+(out_proj/o_proj, fc2, down) split axis 0 and keep their bias whole (it is added once, after the AllReduce);
+everything else is replicated.
+"""
+import os
+import re
+
+from llava_checkpoint import (CheckpointError, CheckpointWriter, check_complete, check_tensor,
+                              checkpoint_layout, iter_checkpoint, load_checkpoint_into, load_tensors_into,
+                              resolve_checkpoint_file)
+
+_COLUMN = re.compile(r"\.(q_proj|k_proj|v_proj|fc1|gate_proj|up_proj)\.(weight|bias)$")
+_ROW = re.compile(r"\.(out_proj|o_proj|fc2|down_proj)\.weight$")
+RANK_DIR = "rank_{}"
+
+
+def split_axis(name):
+    """The axis of parameter `name` split across ranks, or None when every rank holds all of it."""
+    column = _COLUMN.search(name)
+    if column:
+        return 1 if column.group(2) == "weight" else 0
+    return 0 if _ROW.search(name) else None
+
+
+def shard(name, array, rank, size):
+    """Rank `rank`'s slice of the full tensor `array` (a view; the tensor itself when replicated)."""
+    axis = split_axis(name)
+    if axis is None or size == 1:
+        return array
+    length = array.shape[axis] // size
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(rank * length, (rank + 1) * length)
+    return array[tuple(index)]
+
+
+def sharded_layout(config, size):
+    """Name -> shape of one rank's parameters under `size`-way model parallelism."""
+    layout = {}
+    for name, shape in checkpoint_layout(config).items():
+        axis = split_axis(name)
+        if axis is not None and size > 1:
+            if shape[axis] % size:
+                raise ValueError(f"model_parallel={size} does not divide dimension {axis} ({shape[axis]}) "
+                                 f"of {name!r}")
+            shape = shape[:axis] + (shape[axis] // size,) + shape[axis + 1:]
+        layout[name] = tuple(shape)
+    return layout
+
+
+def is_sharded_directory(path):
+    return os.path.isdir(path) and os.path.isdir(os.path.join(path, RANK_DIR.format(0)))
+
+
+def rank_checkpoint(directory, rank):
+    """`directory/rank_K/<one>.ckpt`, with an error naming the missing rank directory."""
+    rank_directory = os.path.join(directory, RANK_DIR.format(rank))
+    if not os.path.isdir(rank_directory):
+        raise CheckpointError(f"{directory}: no directory {RANK_DIR.format(rank)} for rank {rank}; a sharded "
+                              f"checkpoint needs rank_0 ... rank_N-1 for model_parallel N")
+    return resolve_checkpoint_file(rank_directory)
+
+
+def iter_rank_tensors(full_checkpoint, full_layout, rank, size):
+    """Stream a full checkpoint and yield (name, this rank's slice), checking names and full shapes.
+
+    Only one full tensor is in memory at a time, so no rank ever holds the whole model.
+    """
+    seen = set()
+    for name, array in iter_checkpoint(full_checkpoint):
+        check_tensor(name, array.shape, full_layout, full_checkpoint)
+        seen.add(name)
+        yield name, shard(name, array, rank, size)
+    check_complete(seen, full_layout, full_checkpoint)
+
+
+def write_shards(full_checkpoint, config, output_directory, size, name="llava.ckpt", ranks=None, dtype=None):
+    """Write `output_directory/rank_K/name` for each rank in `ranks` (all by default), streaming the input once."""
+    ranks = list(range(size)) if ranks is None else list(ranks)
+    sharded_layout(config, size)  # refuses a size that does not divide the split dimensions, before writing
+    writers = {rank: CheckpointWriter(os.path.join(output_directory, RANK_DIR.format(rank), name)) for rank in ranks}
+    try:
+        for tensor_name, array in iter_rank_tensors(full_checkpoint, checkpoint_layout(config), 0, 1):
+            for rank, writer in writers.items():
+                writer.write(tensor_name, shard(tensor_name, array, rank, size), dtype)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    for writer in writers.values():
+        writer.close()
+    return [writers[rank].path for rank in ranks]
+
+
+def load_model_weights(model, path, auto_trans_ckpt=False, save_shards_to=None):
+    """Load this rank's weights into `model` from a full checkpoint or a `rank_K/` directory.
+
+    A full checkpoint under model parallelism needs `auto_trans_ckpt` (as in MindFormers): each rank streams
+    it and keeps only its slices, and with `save_shards_to` also writes them as `save_shards_to/rank_K/`.
+    """
+    tensor_parallel = model.tensor_parallel
+    if is_sharded_directory(path):
+        return load_checkpoint_into(model, rank_checkpoint(path, tensor_parallel.rank))
+    path = resolve_checkpoint_file(path)
+    if tensor_parallel.size == 1:
+        return load_checkpoint_into(model, path)
+    if not auto_trans_ckpt:
+        raise CheckpointError(f"{path} is a full checkpoint but model_parallel={tensor_parallel.size}: pass "
+                              "--auto_trans_ckpt True to slice it while loading, or a directory of rank_K/ shards")
+    tensors = iter_rank_tensors(path, checkpoint_layout(model.config), tensor_parallel.rank, tensor_parallel.size)
+    if save_shards_to is None:
+        load_tensors_into(model, tensors, path)
+        return path
+    target = os.path.join(save_shards_to, RANK_DIR.format(tensor_parallel.rank), "llava.ckpt")
+    with CheckpointWriter(target) as writer:
+        load_tensors_into(model, _written(tensors, writer), path)
+    return path
+
+
+def _written(tensors, writer):
+    for name, array in tensors:
+        writer.write(name, array)
+        yield name, array

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Launch a command on several workers with MindSpore's msrun (tensor-parallel inference: model_parallel = N).
+#
+# One node:
+#   bash scripts/msrun_launcher.sh "run_mindformer.py --config ... --use_parallel True" [WORKER_NUM]
+#   bash scripts/msrun_launcher.sh "CMD" WORKER_NUM MASTER_PORT LOG_DIR JOIN CLUSTER_TIME_OUT
+# Several nodes (run once per node):
+#   bash scripts/msrun_launcher.sh "CMD" WORKER_NUM LOCAL_WORKER MASTER_ADDR MASTER_PORT NODE_RANK LOG_DIR \
+#        JOIN CLUSTER_TIME_OUT
+#
+# Defaults: WORKER_NUM 8, MASTER_ADDR 127.0.0.1, MASTER_PORT 8118, LOG_DIR output/msrun_log, JOIN True,
+# CLUSTER_TIME_OUT 7200. CMD is split with shell quoting rules, so a quoted multi-word prompt inside it stays
+# one argument. Workers run the project's .venv python; each logs to LOG_DIR/worker_K.log. The exit status is
+# non-zero when any worker failed.
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -x "$repo_root/.venv/bin/python" ]; then
+  export PATH="$repo_root/.venv/bin:$PATH"  # msrun starts workers with the python found on PATH
+fi
+
+usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+
+[ $# -ge 1 ] || usage
+command_line="$1"
+worker_num="${2:-8}"
+local_worker="$worker_num"
+master_addr="127.0.0.1"
+master_port="8118"
+node_rank="0"
+log_dir="output/msrun_log"
+join="True"
+cluster_time_out="7200"
+
+case $# in
+  1|2) ;;
+  6) master_port="$3"; log_dir="$4"; join="$5"; cluster_time_out="$6" ;;
+  10) local_worker="$3"; master_addr="$4"; master_port="$5"; node_rank="$6"; log_dir="$7"; join="$8"
+      cluster_time_out="$9" ;;
+  *) echo "msrun_launcher.sh: expected 1, 2, 6 or 10 arguments, got $#" >&2; usage ;;
+esac
+
+for number in "$worker_num" "$local_worker" "$master_port" "$node_rank"; do
+  [[ "$number" =~ ^[0-9]+$ ]] || { echo "msrun_launcher.sh: '$number' is not a number" >&2; usage; }
+done
+
+# Split CMD the way the shell would, keeping quoted arguments whole (no command substitution is run:
+# xargs only tokenises).
+mapfile -d '' arguments < <(printf '%s' "$command_line" | xargs printf '%s\0')
+[ "${#arguments[@]}" -ge 1 ] || { echo "msrun_launcher.sh: empty command" >&2; usage; }
+
+mkdir -p "$log_dir"
+echo "msrun_launcher.sh: $worker_num worker(s) ($local_worker on this node), logs in $log_dir" >&2
+status=0
+msrun --worker_num="$worker_num" --local_worker_num="$local_worker" --master_addr="$master_addr" \
+      --master_port="$master_port" --node_rank="$node_rank" --log_dir="$log_dir" --join="$join" \
+      --cluster_time_out="$cluster_time_out" "${arguments[@]}" || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "msrun_launcher.sh: a worker failed (exit $status); see $log_dir/worker_*.log" >&2
+fi
+exit "$status"
