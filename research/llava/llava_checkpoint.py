@@ -137,6 +137,10 @@ class CheckpointWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        # mkstemp creates the file owner-only; give it the permissions of any other file written here.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._temp_path, 0o666 & ~umask)
         os.replace(self._temp_path, self.path)
 
     def abort(self):

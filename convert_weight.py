@@ -1,0 +1,598 @@
+"""Convert HuggingFace LLaVA-1.5 safetensors weights into a MindSpore `.ckpt` for llava-ms.
+
+Usage::
+
+    python convert_weight.py --model llava --input_path HF_DIR --output_path OUT.ckpt \
+        [--dtype float16|bfloat16|float32] [--verbose]
+
+`HF_DIR` holds `model.safetensors`, or shards `model-*.safetensors` with or without
+`model.safetensors.index.json` (a single `.safetensors` file may be given instead of a directory), and
+normally `config.json`. All three spellings of the tensor names are accepted: the hub files
+(`language_model.model.*`), transformers 4.5x `state_dict()` (`model.language_model.*`) and transformers v5
+saves (`vision_tower.*` without `vision_model.`).
+
+`--dtype` defaults to keeping each source tensor's dtype (the hub weights are float16, so they stay float16);
+give it to cast every tensor.
+
+Without `config.json` the sizes are inferred from the tensor shapes; what shapes cannot tell falls back to
+LLaVA-1.5-7B: `vision_feature_layer=-2`, `image_token_id=32000`, attention heads from a head size of 64
+(CLIP) and 128 (LLaMA). Head counts do not change the converted checkpoint; the feature layer does (it
+decides which vision layers are stored).
+
+Tensors LLaVA never uses are skipped on purpose: the vision `post_layernorm`, the vision layers after
+`vision_feature_layer` (layer 24 of 24 for the 7B), and rotary `inv_freq` / `position_ids` buffers. Any
+other name is an error, as are wrong shapes and missing tensors; all of it is checked from the safetensors
+headers before anything is written.
+
+The conversion streams: each tensor is read on its own with plain file reads, converted and appended to the
+output, so memory holds about three copies of the largest tensor (the 32064x4096 embedding: 263 MB in
+float16) on top of the ~0.9 GB that importing MindSpore/mindformers costs; a 7B float16 conversion peaks at
+about 1.6 GB. The output appears only when complete (temporary file + rename): after an error, Ctrl-C or
+SIGTERM nothing new is left at the output path (an earlier file there is kept as it was).
+
+A progress bar (tensors and bytes) goes to stderr when stderr is a terminal or with --verbose. Errors are
+one line on stderr and a non-zero exit (1; 2 for usage errors; 130 when interrupted by Ctrl-C or SIGTERM);
+on success one summary line goes to stderr. --verbose adds the config's source, the tensors deliberately
+skipped, mindformers' import messages and tracebacks.
+"""
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "research", "llava"))
+from llava_checkpoint import (CheckpointError, CheckpointWriter, check_complete,  # noqa: E402
+                              check_tensor, checkpoint_layout)
+
+logger = logging.getLogger("convert_weight")
+
+# ---------------------------------------------------------------------------------------------------------
+# A minimal safetensors reader.
+#
+# The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, data_offsets)
+# and the raw little-endian tensor bytes. Reading it by hand avoids torch (numpy cannot hold bfloat16, so
+# safetensors' numpy loader refuses bf16 files) and lets each tensor be read with one plain `readinto`:
+# unlike a memory map, the page cache it goes through is not counted in (or kept in) this process' memory.
+# ---------------------------------------------------------------------------------------------------------
+
+# safetensors dtype -> numpy dtype the raw bytes are read as (bfloat16 as its uint16 bit patterns).
+_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of a safetensors file: where its bytes are, not the bytes themselves."""
+
+    name: str
+    path: str
+    dtype: str  # safetensors code: F32, F16 or BF16
+    shape: tuple
+    offset: int  # absolute position of the first byte in the file
+    nbytes: int
+
+
+def read_safetensors_header(path):
+    """List the tensors of one safetensors file, checking the header against the file size."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as stream:
+        prefix = stream.read(8)
+        header_bytes = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < header_bytes <= min(_MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(stream.read(header_bytes))
+        except ValueError as error:
+            raise CheckpointError(f"{path} is not a safetensors file (header is not JSON)") from error
+    data_start = 8 + header_bytes
+    tensors = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape = entry.get("dtype"), tuple(entry.get("shape", ()))
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; only F32, F16 and BF16 are supported")
+        begin, end = entry["data_offsets"]
+        expected = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
+        if end - begin != expected or data_start + end > size:
+            raise CheckpointError(f"{path}: tensor {name!r} {list(shape)} {dtype} does not fit its byte range "
+                                  f"{begin}..{end}: the file is truncated or corrupt")
+        tensors.append(SourceTensor(name, path, dtype, shape, data_start + begin, end - begin))
+    return tensors
+
+
+def read_tensor(stream, tensor):
+    """Read one tensor from an open (unbuffered) file; bfloat16 comes back as float32 (exact)."""
+    buffer = np.empty(tensor.nbytes, dtype=np.uint8)
+    view, done = memoryview(buffer), 0
+    stream.seek(tensor.offset)
+    while done < tensor.nbytes:  # a single read() is capped at ~2 GB on Linux, so loop
+        count = stream.readinto(view[done:])
+        if not count:
+            raise CheckpointError(f"{tensor.path}: tensor {tensor.name!r} ends early: the file is truncated")
+        done += count
+    _drop_from_page_cache(stream, tensor)
+    array = buffer.view(_SAFETENSORS_DTYPES[tensor.dtype]).reshape(tensor.shape)
+    if tensor.dtype == "BF16":  # bfloat16 is the top half of a float32
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
+def _drop_from_page_cache(stream, tensor):
+    """Tell the kernel these bytes will not be read again, so 14 GB of shards do not crowd the page cache
+    (which the output being written, and other processes, can use better)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(stream.fileno(), tensor.offset, tensor.nbytes, os.POSIX_FADV_DONTNEED)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding the input files.
+# ---------------------------------------------------------------------------------------------------------
+
+def find_safetensors(input_path):
+    """The safetensors files of a checkpoint: the index's shards, `model.safetensors`, or every shard."""
+    if os.path.isfile(input_path):
+        if not input_path.endswith(".safetensors"):
+            raise CheckpointError(f"{input_path} is not a .safetensors file or a directory")
+        return [input_path]
+    if not os.path.isdir(input_path):
+        raise CheckpointError(f"input path not found: {input_path}")
+    index_path = os.path.join(input_path, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map") or {}
+        files = [os.path.join(input_path, name) for name in sorted(set(weight_map.values()))]
+        for path in files:
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{index_path} lists shard {os.path.basename(path)}, which is missing")
+        if files:
+            return files
+    single = os.path.join(input_path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    files = sorted(os.path.join(input_path, name) for name in os.listdir(input_path)
+                   if name.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors files in {input_path}")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Names: the three HF spellings -> one (part, local name), then -> our parameter name.
+# ---------------------------------------------------------------------------------------------------------
+
+# Most specific prefix first: `vision_tower.vision_model.` must win over `vision_tower.`.
+_PREFIXES = (
+    ("model.vision_tower.vision_model.", "vision"),  # transformers 4.5x in memory
+    ("vision_tower.vision_model.", "vision"),        # hub files
+    ("model.vision_tower.", "vision"),               # transformers v5 in memory
+    ("vision_tower.", "vision"),                     # transformers v5 save
+    ("model.multi_modal_projector.", "projector"),
+    ("multi_modal_projector.", "projector"),
+    ("model.language_model.", "text"),
+    ("language_model.model.", "text"),
+    ("language_model.lm_head.", "head"),
+    ("lm_head.", "head"),
+)
+_VISION_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
+_TEXT_LAYER = re.compile(r"layers\.(\d+)\.")
+# Linear layers: HF stores [out, in]; we store [in, out].
+_LINEAR_SUFFIXES = tuple(f"{name}.weight" for name in (
+    "q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "fc1", "fc2",
+    "gate_proj", "up_proj", "down_proj", "linear_1", "linear_2"))
+PATCH_EMBEDDING = "vision_tower.embeddings.patch_embedding.weight"
+
+
+def split_name(hf_name):
+    """(part, local name) of an HF tensor name in any spelling; part is None for unknown names."""
+    for prefix, part in _PREFIXES:
+        if hf_name.startswith(prefix):
+            return part, hf_name[len(prefix):]
+    return None, hf_name
+
+
+def our_name(part, local, num_vision_layers):
+    """Our parameter name for an HF tensor, or (None, reason) for a tensor LLaVA deliberately never uses.
+
+    Returns (name, None) or (None, reason). Names that map but that the model lacks are caught later by the
+    layout check, so they are reported as unexpected.
+    """
+    if local.endswith("inv_freq") or local.endswith("position_ids"):
+        return None, "buffer, recomputed at run time"
+    if part == "vision":
+        if local.startswith("post_layernorm."):
+            return None, "post_layernorm is never used by LLaVA"
+        if local.startswith("pre_layrnorm."):  # HF's spelling
+            return "vision_tower.pre_layernorm." + local[len("pre_layrnorm."):], None
+        layer = _VISION_LAYER.fullmatch(local)
+        if layer:
+            if int(layer.group(1)) >= num_vision_layers:
+                return None, f"vision layer {layer.group(1)} comes after vision_feature_layer"
+            return f"vision_tower.layers.{layer.group(1)}.{layer.group(2)}", None
+        return "vision_tower." + local, None
+    if part == "projector":
+        return "projector." + local, None
+    if part == "text":
+        return "language_model." + local, None
+    return "lm_head." + local, None  # part == "head"
+
+
+def transform_kind(name):
+    """How a tensor changes on the way: "linear" (transposed), "patch" (flattened, transposed) or "keep"."""
+    if name == PATCH_EMBEDDING:
+        return "patch"
+    if name == "lm_head.weight" or name.endswith(_LINEAR_SUFFIXES):
+        return "linear"
+    return "keep"
+
+
+def converted_shape(kind, shape):
+    """The shape `convert_array` gives a tensor of HF `shape`: lets headers be checked before any read."""
+    if kind == "linear":
+        return tuple(reversed(shape))
+    if kind == "patch":  # [hidden, channels, p, p] -> [channels*p*p, hidden]
+        return (math.prod(shape[1:]), shape[0]) if shape else shape
+    return tuple(shape)
+
+
+def convert_array(kind, array, dtype=None):
+    """The tensor in our layout, as a contiguous array of numpy `dtype` (None: the array's own dtype).
+
+    No copy is made when nothing changes.
+    """
+    dtype = dtype or array.dtype
+    if kind == "patch":  # flattening order (channel, row, col) matches the image patches' flattening
+        array = array.reshape(array.shape[0], -1)
+    if kind in ("linear", "patch"):
+        return transposed_copy(array, dtype)
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+# Tile of a blocked transpose: 32 source rows x 512 columns (32-64 KB) stay in the CPU caches while being
+# read along rows and written along columns. numpy's plain `ascontiguousarray(a.T)` strides through memory
+# element by element and is 2.5-3.5x slower on the 7B's matrices; transposing is most of the CPU time.
+_TILE_ROWS, _TILE_COLS = 32, 512
+
+
+def transposed_copy(array, dtype):
+    """array.T as a new contiguous 2-D array of `dtype`, the cast done in the same pass."""
+    rows, cols = array.shape
+    out = np.empty((cols, rows), dtype=dtype)
+    for row in range(0, rows, _TILE_ROWS):
+        for col in range(0, cols, _TILE_COLS):
+            out[col:col + _TILE_COLS, row:row + _TILE_ROWS] = array[row:row + _TILE_ROWS, col:col + _TILE_COLS].T
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model config: from config.json, or inferred from the tensor shapes.
+# ---------------------------------------------------------------------------------------------------------
+
+_VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                "patch_size", "num_channels", "layer_norm_eps", "hidden_act")
+_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "rms_norm_eps", "rope_theta",
+              "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def config_from_hf(hf):
+    """A LlavaConfig from the dict of an HF LLaVA config.json.
+
+    Only the keys that size or configure the model are taken; missing text keys get LlavaTextConfig's
+    defaults, which are the LLaMA-2-7B values transformers fills in for the hub's sparse text_config.
+    """
+    from llava_config import LlavaConfig
+    hf_vision, hf_text = hf.get("vision_config") or {}, hf.get("text_config") or {}
+    vision = {key: hf_vision[key] for key in _VISION_KEYS if key in hf_vision}
+    text = {key: hf_text[key] for key in _TEXT_KEYS if hf_text.get(key) is not None}
+    if "vocab_size" not in text and "vocab_size" in hf:  # older configs keep it at the top level
+        text["vocab_size"] = hf["vocab_size"]
+    feature_layer = hf.get("vision_feature_layer", -2)
+    if not isinstance(feature_layer, int):
+        raise CheckpointError(f"vision_feature_layer {feature_layer!r} (several layers) is not supported; "
+                              "LLaVA-1.5 uses a single layer")
+    vision["vision_feature_layer"] = feature_layer
+    vision["vision_feature_select_strategy"] = hf.get("vision_feature_select_strategy", "default")
+    image_token_id = hf.get("image_token_index", hf.get("image_token_id", 32000))
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                       projector_hidden_act=hf.get("projector_hidden_act", "gelu"))
+
+
+def config_from_shapes(shapes):
+    """A LlavaConfig inferred from {(part, local name): HF shape}; see the module docstring for fallbacks."""
+    from llava_config import LlavaConfig
+
+    def dim(part, local, axis):
+        shape = shapes.get((part, local))
+        return shape[axis] if shape and len(shape) > axis else None
+
+    def layer_count(part, pattern):
+        found = {int(m.group(1)) for p, local in shapes if p == part for m in [pattern.match(local)] if m}
+        return max(found) + 1 if found else None
+
+    vision = {
+        "hidden_size": dim("vision", "embeddings.class_embedding", 0),
+        "num_channels": dim("vision", "embeddings.patch_embedding.weight", 1),
+        "patch_size": dim("vision", "embeddings.patch_embedding.weight", 2),
+        "intermediate_size": dim("vision", "encoder.layers.0.mlp.fc1.weight", 0),
+        "num_hidden_layers": layer_count("vision", _VISION_LAYER),
+    }
+    positions = dim("vision", "embeddings.position_embedding.weight", 0)
+    if positions and vision["patch_size"]:
+        vision["image_size"] = math.isqrt(positions - 1) * vision["patch_size"]
+    if vision["hidden_size"]:
+        vision["num_attention_heads"] = max(1, vision["hidden_size"] // 64)
+    text = {
+        "hidden_size": dim("text", "embed_tokens.weight", 1),
+        "vocab_size": dim("text", "embed_tokens.weight", 0),
+        "intermediate_size": dim("text", "layers.0.mlp.gate_proj.weight", 0),
+        "num_layers": layer_count("text", _TEXT_LAYER),
+    }
+    if text["hidden_size"]:
+        text["num_heads"] = max(1, text["hidden_size"] // 128)
+    drop_unknown = lambda values: {key: value for key, value in values.items() if value is not None}
+    return LlavaConfig(vision_config=drop_unknown(vision), text_config=drop_unknown(text))
+
+
+def load_config(input_path, shapes):
+    """(LlavaConfig, where it came from) for the checkpoint at `input_path`."""
+    directory = input_path if os.path.isdir(input_path) else os.path.dirname(os.path.abspath(input_path))
+    config_path = os.path.join(directory, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            try:
+                hf = json.load(f)
+            except ValueError as error:
+                raise CheckpointError(f"{config_path} is not valid JSON: {error}") from error
+        try:
+            return config_from_hf(hf), config_path
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{config_path}: {error}") from error
+    return config_from_shapes(shapes), "inferred from tensor shapes (no config.json)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The conversion.
+# ---------------------------------------------------------------------------------------------------------
+
+_OUTPUT_DTYPES = (None, "float16", "bfloat16", "float32")
+# What the converted arrays hold before the writer. For bfloat16 they keep the source's dtype (float16, or
+# float32 for float32 and bfloat16 sources): the writer rounds them slice by slice, and casting a float16
+# tensor to float32 first would double the largest copy in memory.
+_NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
+
+
+@dataclass
+class ConversionSummary:
+    """What a conversion did."""
+
+    output_path: str
+    config: object  # the LlavaConfig the checkpoint was checked against
+    config_source: str
+    source_files: list
+    tensors_written: int = 0
+    skipped: dict = field(default_factory=dict)  # HF name -> why it was not converted
+    source_bytes: int = 0  # bytes of the converted tensors as stored in the input
+    output_bytes: int = 0
+    dtype: str = None  # requested output dtype; None kept the source dtypes
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One output tensor: its source, our name and how it is transformed."""
+
+    name: str
+    source: SourceTensor
+    kind: str
+
+
+def plan_conversion(input_path):
+    """Read every header, build the config and check names and shapes before any tensor is read.
+
+    Returns (plan in output order, config, config source, skipped, files).
+    """
+    files = find_safetensors(input_path)
+    sources = [tensor for path in files for tensor in read_safetensors_header(path)]
+    split = {}
+    for tensor in sources:
+        part, local = split_name(tensor.name)
+        if part is None:
+            raise CheckpointError(f"{os.path.basename(tensor.path)}: unexpected tensor {tensor.name!r}: "
+                                  "not a LLaVA vision tower, projector or language model name")
+        split[tensor.name] = (part, local)
+    config, config_source = load_config(input_path, {split[t.name]: t.shape for t in sources})
+    layout = checkpoint_layout(config)
+    num_vision_layers = config.vision_config.num_computed_layers
+
+    planned, skipped = {}, {}
+    for tensor in sources:
+        name, reason = our_name(*split[tensor.name], num_vision_layers)
+        if name is None:
+            skipped[tensor.name] = reason
+            continue
+        where = f"{os.path.basename(tensor.path)}: {tensor.name!r} {list(tensor.shape)}"
+        if name not in layout:
+            raise CheckpointError(f"{where}: unexpected tensor (would be {name!r}, which the model does not have)")
+        if name in planned:
+            raise CheckpointError(f"{where}: duplicate tensor, {planned[name].source.name!r} in "
+                                  f"{os.path.basename(planned[name].source.path)} is also {name!r}")
+        kind = transform_kind(name)
+        check_tensor(name, converted_shape(kind, tensor.shape), layout, f"{where} converted")
+        planned[name] = _Planned(name, tensor, kind)
+    check_complete(planned, layout, input_path)
+    # Output in the model's own order: the same weights give the same file whatever the input's sharding.
+    return [planned[name] for name in layout], config, config_source, skipped, files
+
+
+def convert_llava(input_path, output_path, dtype=None, progress=True):
+    """Convert an HF LLaVA-1.5 safetensors checkpoint at `input_path` into a `.ckpt` at `output_path`.
+
+    Args:
+        input_path: directory with `model.safetensors` or shards (+ index), and normally `config.json`;
+            or one `.safetensors` file.
+        output_path: the `.ckpt` to write; replaced atomically, untouched when the conversion fails.
+        dtype: "float16", "bfloat16", "float32", or None to keep each source tensor's dtype.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        ConversionSummary. Raises CheckpointError (a ValueError) naming the tensor or file at fault.
+    """
+    if dtype not in _OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of float16, bfloat16, float32 or None, got {dtype!r}")
+    if os.path.isdir(output_path):
+        raise CheckpointError(f"output path {output_path} is a directory; give a .ckpt file name")
+    started = time.monotonic()
+    plan, config, config_source, skipped, files = plan_conversion(input_path)
+    logger.debug("config: %s", config_source)
+    for name, reason in skipped.items():
+        logger.debug("skipped %s: %s", name, reason)
+    summary = ConversionSummary(os.path.abspath(output_path), config, config_source, files,
+                                skipped=skipped, dtype=dtype)
+    total = sum(item.source.nbytes for item in plan)
+    with contextlib.ExitStack() as stack:
+        # Unbuffered: each tensor is one large read straight into its array.
+        streams = {path: stack.enter_context(open(path, "rb", buffering=0)) for path in files}
+        bar = stack.enter_context(_ProgressBar(total, len(plan), progress))
+        writer = stack.enter_context(CheckpointWriter(output_path))
+        for item in plan:
+            out_dtype = dtype or _DTYPE_NAMES[item.source.dtype]
+            # Read, convert, and let go of the source before writing: the writer makes two more copies
+            # (bytes, then the serialized record), so the peak is about three copies of the largest tensor.
+            array = read_tensor(streams[item.source.path], item.source)
+            array = convert_array(item.kind, array, _NUMPY_DTYPES[out_dtype])
+            writer.write(item.name, array, out_dtype)
+            del array
+            summary.tensors_written += 1
+            summary.source_bytes += item.source.nbytes
+            bar.advance(item.source.nbytes)
+        summary.output_bytes = writer.bytes_written
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+class _ProgressBar(contextlib.AbstractContextManager):
+    """Bytes converted and tensors done, on stderr (tqdm); does nothing when disabled."""
+
+    def __init__(self, total_bytes, total_tensors, enabled):
+        self._bar, self._tensors, self._total_tensors = None, 0, total_tensors
+        if enabled:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, file=sys.stderr,
+                             desc="converting", mininterval=0.5, dynamic_ncols=True)
+
+    def advance(self, nbytes):
+        self._tensors += 1
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{self._tensors}/{self._total_tensors} tensors", refresh=False)
+            self._bar.update(nbytes)
+
+    def __exit__(self, *exc_info):
+        if self._bar is not None:
+            self._bar.close()
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------------------
+
+CONVERTERS = {"llava": convert_llava}
+
+
+def _import_config_module(verbose):
+    """Import llava_config (and with it mindformers) up front, silenced unless --verbose.
+
+    While being imported, mindformers logs warnings about optional modules to stdout and MindSpore prints
+    deprecation notices to stderr; none of it concerns a conversion.
+    """
+    with contextlib.ExitStack() as stack:
+        if not verbose:
+            stack.enter_context(_silenced_output())
+        import llava_config  # noqa: F401
+
+
+@contextlib.contextmanager
+def _silenced_output():
+    """Point file descriptors 1 and 2 at /dev/null (catches native and Python writes alike)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Convert HuggingFace LLaVA-1.5 safetensors to a llava-ms .ckpt.")
+    parser.add_argument("--model", required=True, help="model family; only 'llava' is supported")
+    parser.add_argument("--input_path", required=True,
+                        help="HF checkpoint directory (safetensors + config.json) or one .safetensors file")
+    parser.add_argument("--output_path", required=True, help="the .ckpt to write")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                        help="cast every tensor to this dtype (default: keep the source dtypes)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="progress bar, skipped tensors, config source; tracebacks on errors")
+    return parser.parse_args(argv)
+
+
+def _set_up_logging(verbose):
+    """This script's messages, bare, on stderr; other libraries' loggers are left as they are."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt  # so SIGTERM also unwinds through the writer's cleanup
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    _set_up_logging(args.verbose)
+    if args.model not in CONVERTERS:
+        print(f"convert_weight: error: --model {args.model!r} is not supported; choose from "
+              f"{', '.join(CONVERTERS)}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        _import_config_module(args.verbose)
+        summary = CONVERTERS[args.model](args.input_path, args.output_path, args.dtype,
+                                         progress=args.verbose or sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print("convert_weight: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (CheckpointError, OSError, ValueError) as error:
+        if args.verbose:
+            raise
+        print(f"convert_weight: error: {error}", file=sys.stderr)
+        return 1
+    logger.info("wrote %s: %d tensors, %.2f GB (%s), %d skipped, in %.1f s", summary.output_path,
+                summary.tensors_written, summary.output_bytes / 1e9, summary.dtype or "source dtypes",
+                len(summary.skipped), summary.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""convert_weight.py: HF LLaVA-1.5 safetensors -> llava-ms `.ckpt`.
+
+Every converted tensor is compared exactly with the HF tensor transformed by rules written out here
+independently of the converter; the three naming layouts, single-file and sharded input, output dtypes,
+each kind of bad checkpoint (with the message it must give), and interruptions (nothing left behind).
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mindspore as ms
+
+import convert_weight
+from convert_weight import config_from_hf, convert_llava, main
+from hf_reference import TINY_CONFIGS, VOCAB_SIZE, make_hf_llava, save_hf_checkpoint
+from llava_checkpoint import CheckpointError, checkpoint_layout, iter_checkpoint
+from llava_config import LlavaConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYOUTS = ("hub", "in_memory", "v5")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The expected result, derived from the HF model's own (transformers 4.5x in-memory) names.
+# ----------------------------------------------------------------------------------------------------------
+
+def our_config(name):
+    """The LlavaConfig of a tiny reference model, written from its spec (not from the converter)."""
+    spec = TINY_CONFIGS[name]
+    return LlavaConfig(vision_config=dict(spec["vision"], vision_feature_layer=spec["vision_feature_layer"]),
+                       text_config=dict(spec["text"], vocab_size=VOCAB_SIZE))
+
+
+def expected_tensors(hf_model, num_vision_layers):
+    """Our name -> float32 array: HF tensors renamed, unused ones dropped, Linear weights as [in, out]."""
+    expected = {}
+    for name, tensor in hf_model.state_dict().items():
+        array = tensor.detach().float().numpy()
+        if name.startswith("model.vision_tower.vision_model."):
+            local = name[len("model.vision_tower.vision_model."):]
+            layer = re.match(r"encoder\.layers\.(\d+)\.", local)
+            if local.startswith("post_layernorm.") or (layer and int(layer.group(1)) >= num_vision_layers):
+                continue
+            ours = "vision_tower." + local.replace("pre_layrnorm", "pre_layernorm").replace("encoder.", "")
+        elif name.startswith("model.multi_modal_projector."):
+            ours = "projector." + name[len("model.multi_modal_projector."):]
+        elif name.startswith("model.language_model."):
+            ours = "language_model." + name[len("model.language_model."):]
+        else:
+            assert name == "lm_head.weight", name
+            ours = name
+        if ours.endswith("patch_embedding.weight"):  # conv [Hv, 3, p, p] -> linear [3*p*p, Hv]
+            array = array.reshape(array.shape[0], -1).T
+        elif array.ndim == 2 and "embed" not in ours:  # Linear [out, in] -> [in, out]
+            array = array.T
+        expected[ours] = np.ascontiguousarray(array)
+    return expected
+
+
+def read_back(path):
+    return dict(iter_checkpoint(path))
+
+
+def leftovers(directory):
+    """Temporary files a writer might have left in `directory`."""
+    return [name for name in os.listdir(directory) if name.startswith(".partial-")]
+
+
+@pytest.fixture(scope="module")
+def hf_models():
+    return {name: make_hf_llava(name, seed=3) for name in TINY_CONFIGS}
+
+
+@pytest.fixture()
+def hub_dir(hf_models, tmp_path):
+    """The small model in the hub layout, one file."""
+    return save_hf_checkpoint(hf_models["small"], str(tmp_path / "hf"))
+
+
+def edit_safetensors(directory, edit):
+    """Rewrite `directory/model.safetensors` with `edit(tensors)` applied (a dict of hub names)."""
+    path = os.path.join(directory, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Correct conversions.
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_every_tensor_converted_exactly(hf_models, tmp_path, name, layout, shards):
+    source = save_hf_checkpoint(hf_models[name], str(tmp_path / "hf"), layout=layout, shards=shards)
+    output = str(tmp_path / "out" / "llava.ckpt")
+    summary = convert_llava(source, output, progress=False)
+
+    config = our_config(name)
+    expected = expected_tensors(hf_models[name], config.vision_config.num_computed_layers)
+    converted = read_back(output)
+    layout_shapes = checkpoint_layout(config)
+    assert {key: value.shape for key, value in converted.items()} == layout_shapes
+    assert checkpoint_layout(summary.config) == layout_shapes  # the config read from config.json agrees
+    assert converted.keys() == expected.keys()
+    for key, value in converted.items():
+        assert value.dtype == np.float32, key  # the source dtype is kept
+        np.testing.assert_array_equal(value, expected[key], err_msg=key)
+    assert summary.tensors_written == len(layout_shapes)
+    # Skipped deliberately: post_layernorm and the vision layers after the feature layer.
+    vision = config.vision_config
+    assert len(summary.skipped) == 2 + 16 * (vision.num_hidden_layers - vision.num_computed_layers)
+    assert os.listdir(tmp_path / "out") == ["llava.ckpt"]
+
+
+def test_output_does_not_depend_on_spelling_or_sharding(hf_models, tmp_path):
+    files = []
+    for layout, shards in (("hub", 1), ("in_memory", 3), ("v5", 2)):
+        source = save_hf_checkpoint(hf_models["wide"], str(tmp_path / f"{layout}-{shards}"), layout, shards)
+        files.append(str(tmp_path / f"{layout}-{shards}.ckpt"))
+        convert_llava(source, files[-1], progress=False)
+    contents = [open(path, "rb").read() for path in files]
+    assert contents[0] == contents[1] == contents[2]
+
+
+def test_mindspore_load_checkpoint_reads_the_output(hf_models, hub_dir, tmp_path):
+    output = str(tmp_path / "llava.ckpt")
+    convert_llava(hub_dir, output, progress=False)
+    expected = expected_tensors(hf_models["small"], our_config("small").vision_config.num_computed_layers)
+    loaded = ms.load_checkpoint(output)
+    assert loaded.keys() == expected.keys()
+    for key, parameter in loaded.items():
+        np.testing.assert_array_equal(parameter.asnumpy(), expected[key], err_msg=key)
+
+
+def test_float16_output(hf_models, hub_dir, tmp_path):
+    output = str(tmp_path / "llava.ckpt")
+    convert_llava(hub_dir, output, dtype="float16", progress=False)
+    expected = expected_tensors(hf_models["small"], our_config("small").vision_config.num_computed_layers)
+    for key, value in iter_checkpoint(output):
+        assert value.dtype == np.float16, key
+        np.testing.assert_array_equal(value, expected[key].astype(np.float16), err_msg=key)
+        # Half a unit in the last place: relative for normal float16, 2**-25 absolute among the subnormals.
+        np.testing.assert_allclose(value.astype(np.float32), expected[key], rtol=2 ** -11, atol=2 ** -25,
+                                   err_msg=key)
+
+
+def bfloat16_rounded(array):
+    return torch.from_numpy(array).to(torch.bfloat16).float().numpy()
+
+
+def test_bfloat16_output(hf_models, hub_dir, tmp_path):
+    output = str(tmp_path / "llava.ckpt")
+    convert_llava(hub_dir, output, dtype="bfloat16", progress=False)
+    expected = expected_tensors(hf_models["small"], our_config("small").vision_config.num_computed_layers)
+    for key, value in iter_checkpoint(output):  # bfloat16 reads back as float32
+        np.testing.assert_array_equal(value, bfloat16_rounded(expected[key]), err_msg=key)  # round to nearest even
+        np.testing.assert_allclose(value, expected[key], rtol=2 ** -8, atol=0, err_msg=key)
+    assert ms.load_checkpoint(output)["lm_head.weight"].dtype == ms.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [None, "float32", "float16"])
+def test_bfloat16_source_is_read_without_torch(hf_models, tmp_path, dtype):
+    """bf16 safetensors (which numpy cannot load) are read by the converter's own reader."""
+    model = make_hf_llava("small", seed=3).to(torch.bfloat16)
+    source = save_hf_checkpoint(model, str(tmp_path / "hf"), shards=2)
+    output = str(tmp_path / "llava.ckpt")
+    convert_llava(source, output, dtype=dtype, progress=False)
+    expected = expected_tensors(model, our_config("small").vision_config.num_computed_layers)  # exact in f32
+    for key, value in iter_checkpoint(output):
+        want = expected[key].astype(np.float16) if dtype == "float16" else expected[key]
+        np.testing.assert_array_equal(value, want, err_msg=key)
+    if dtype is None:  # kept as bfloat16
+        assert ms.load_checkpoint(output)["language_model.embed_tokens.weight"].dtype == ms.bfloat16
+
+
+def test_float16_source_stays_float16(tmp_path):
+    model = make_hf_llava("wide", seed=4).half()
+    output = str(tmp_path / "llava.ckpt")
+    convert_llava(save_hf_checkpoint(model, str(tmp_path / "hf")), output, progress=False)
+    expected = expected_tensors(model, our_config("wide").vision_config.num_computed_layers)
+    for key, value in iter_checkpoint(output):
+        assert value.dtype == np.float16, key
+        np.testing.assert_array_equal(value, expected[key].astype(np.float16), err_msg=key)
+
+
+def test_without_config_json_sizes_are_inferred(hf_models, tmp_path):
+    source = save_hf_checkpoint(hf_models["small"], str(tmp_path / "hf"), write_config=False)
+    output = str(tmp_path / "llava.ckpt")
+    summary = convert_llava(source, output, progress=False)
+    assert "inferred" in summary.config_source
+    assert {key: value.shape for key, value in iter_checkpoint(output)} == checkpoint_layout(our_config("small"))
+    vision, text = summary.config.vision_config, summary.config.text_config
+    assert (vision.image_size, vision.patch_size, vision.num_hidden_layers) == (28, 14, 3)
+    assert vision.vision_feature_layer == -2  # the 7B default: shapes cannot tell
+    assert (text.hidden_size, text.num_layers, text.vocab_size, text.intermediate_size) == (64, 2, VOCAB_SIZE, 128)
+
+
+def test_single_safetensors_file_and_shards_without_index(hf_models, tmp_path):
+    single = save_hf_checkpoint(hf_models["small"], str(tmp_path / "single"))
+    convert_llava(os.path.join(single, "model.safetensors"), str(tmp_path / "a.ckpt"), progress=False)
+    sharded = save_hf_checkpoint(hf_models["small"], str(tmp_path / "sharded"), shards=3)
+    os.remove(os.path.join(sharded, "model.safetensors.index.json"))
+    convert_llava(sharded, str(tmp_path / "b.ckpt"), progress=False)
+    assert open(tmp_path / "a.ckpt", "rb").read() == open(tmp_path / "b.ckpt", "rb").read()
+
+
+def test_hub_config_json_gives_the_7b_config():
+    """The hub's config.json leaves text_config sparse: the 7B LLaMA-2 defaults fill it."""
+    hub = {"image_token_index": 32000, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
+           "vision_feature_select_strategy": "default", "vocab_size": 32064,
+           "text_config": {"model_type": "llama", "rms_norm_eps": 1e-05, "vocab_size": 32064,
+                           "max_position_embeddings": 4096, "architectures": ["LlamaForCausalLM"]},
+           "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                             "model_type": "clip_vision_model", "num_attention_heads": 16,
+                             "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768, "vocab_size": 32000}}
+    config = config_from_hf(hub)
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.num_layers, text.num_heads, text.intermediate_size, text.vocab_size) == (
+        4096, 32, 32, 11008, 32064)
+    assert (vision.hidden_size, vision.num_computed_layers, vision.num_patches, config.image_token_id) == (
+        1024, 23, 576, 32000)
+    assert checkpoint_layout(config)["lm_head.weight"] == (4096, 32064)
+    with pytest.raises(CheckpointError, match="several layers"):
+        config_from_hf(dict(hub, vision_feature_layer=[-2, -5]))
+
+
+def test_progress_bar_on_request(hub_dir, tmp_path, capsys):
+    convert_llava(hub_dir, str(tmp_path / "llava.ckpt"), progress=True)
+    assert "tensors" in capsys.readouterr().err
+    convert_llava(hub_dir, str(tmp_path / "llava.ckpt"), progress=False)
+    assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad checkpoints: one clear error naming the culprit, nothing written.
+# ----------------------------------------------------------------------------------------------------------
+
+def convert_fails(source, tmp_path, match):
+    """Run a conversion expected to fail; check the message and that the output directory stays empty."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    with pytest.raises(CheckpointError, match=match) as error:
+        convert_llava(str(source), str(out_dir / "llava.ckpt"), progress=False)
+    assert os.listdir(out_dir) == []
+    return str(error.value)
+
+
+def test_missing_tensor(hub_dir, tmp_path):
+    edit_safetensors(hub_dir, lambda tensors: tensors.pop("language_model.model.layers.1.mlp.up_proj.weight"))
+    convert_fails(hub_dir, tmp_path, r"missing tensor 'language_model\.layers\.1\.mlp\.up_proj\.weight'")
+
+
+def test_unexpected_tensor(hub_dir, tmp_path):
+    name = "language_model.model.layers.0.self_attn.foo.weight"
+    edit_safetensors(hub_dir, lambda tensors: tensors.update({name: torch.zeros(64, 64)}))
+    convert_fails(hub_dir, tmp_path, f"{re.escape(repr(name))}.*unexpected tensor")
+
+
+def test_tensor_outside_llava(hub_dir, tmp_path):
+    edit_safetensors(hub_dir, lambda tensors: tensors.update({"text_encoder.weight": torch.zeros(2)}))
+    convert_fails(hub_dir, tmp_path, "unexpected tensor 'text_encoder.weight'")
+
+
+def test_misshaped_tensor(hub_dir, tmp_path):
+    name = "language_model.model.layers.0.self_attn.q_proj.weight"
+    edit_safetensors(hub_dir, lambda tensors: tensors.update({name: torch.zeros(64, 32)}))
+    message = convert_fails(hub_dir, tmp_path, re.escape(repr(name)))
+    # Names our parameter and gives both shapes (in our [in, out] layout, plus the HF shape).
+    assert "'language_model.layers.0.self_attn.q_proj.weight' has shape (32, 64)" in message
+    assert "expects (64, 64)" in message and "[64, 32]" in message
+
+
+def test_duplicate_tensor_in_two_spellings(hub_dir, tmp_path):
+    edit_safetensors(hub_dir, lambda tensors: tensors.update(
+        {"lm_head.weight": tensors["language_model.lm_head.weight"].clone()}))
+    convert_fails(hub_dir, tmp_path, "duplicate tensor")
+
+
+def test_directory_without_safetensors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    convert_fails(empty, tmp_path, f"no .safetensors files in {re.escape(str(empty))}")
+
+
+def test_missing_input_path(tmp_path):
+    convert_fails(tmp_path / "nowhere", tmp_path, "input path not found")
+
+
+def test_index_lists_a_missing_shard(hf_models, tmp_path):
+    source = save_hf_checkpoint(hf_models["small"], str(tmp_path / "hf"), shards=3)
+    os.remove(os.path.join(source, "model-00002-of-00003.safetensors"))
+    convert_fails(source, tmp_path, "shard model-00002-of-00003.safetensors, which is missing")
+
+
+def test_truncated_safetensors(hub_dir, tmp_path):
+    path = os.path.join(hub_dir, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    convert_fails(hub_dir, tmp_path, "truncated or corrupt")
+
+
+def test_unsupported_dtype_argument(hub_dir, tmp_path):
+    with pytest.raises(ValueError, match="dtype"):
+        convert_llava(hub_dir, str(tmp_path / "x.ckpt"), dtype="int8", progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Interruptions: the output appears whole or not at all.
+# ----------------------------------------------------------------------------------------------------------
+
+def fail_on_call(monkeypatch, call):
+    """Make convert_weight's tensor reader raise on its `call`-th use (a failure late in the conversion)."""
+    original, calls = convert_weight.read_tensor, []
+
+    def read_tensor(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("disk gone")
+        return original(*args)
+
+    monkeypatch.setattr(convert_weight, "read_tensor", read_tensor)
+
+
+def test_error_on_a_late_tensor_leaves_nothing(hub_dir, tmp_path, monkeypatch):
+    fail_on_call(monkeypatch, 60)  # of 62
+    out_dir = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="disk gone"):
+        convert_llava(hub_dir, str(out_dir / "llava.ckpt"), progress=False)
+    assert os.listdir(out_dir) == []
+
+
+def test_failed_conversion_keeps_the_previous_output(hub_dir, tmp_path, monkeypatch):
+    output = tmp_path / "llava.ckpt"
+    output.write_bytes(b"previous")
+    fail_on_call(monkeypatch, 30)
+    with pytest.raises(RuntimeError):
+        convert_llava(hub_dir, str(output), progress=False)
+    assert output.read_bytes() == b"previous" and leftovers(tmp_path) == []
+
+
+# Runs the CLI with every tensor read slowed down, so a signal reliably arrives mid-conversion.
+SLOW_CLI = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import convert_weight
+original = convert_weight.read_tensor
+def slow_read_tensor(*args):
+    time.sleep(0.2)
+    return original(*args)
+convert_weight.read_tensor = slow_read_tensor
+sys.exit(convert_weight.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_conversion_leaves_nothing(hub_dir, tmp_path, signum):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLI.format(repo=REPO), "--model", "llava", "--input_path", hub_dir,
+         "--output_path", str(out_dir / "llava.ckpt")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not leftovers(out_dir):  # the temporary file exists: writing has begun
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1] == "convert_weight: interrupted; nothing was written"
+    assert os.listdir(out_dir) == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------------------------------------
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(REPO, "convert_weight.py"), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("--model", "llava", "--input_path", str(empty), "--output_path", str(tmp_path / "x.ckpt"),
+                     cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stdout == ""  # mindformers' import-time warnings are silenced too
+    assert result.stderr.strip().splitlines() == [f"convert_weight: error: no .safetensors files in {empty}"]
+    assert not os.path.exists(tmp_path / "x.ckpt")
+
+
+def test_cli_converts_quietly(hf_models, tmp_path):
+    source = save_hf_checkpoint(hf_models["wide"], str(tmp_path / "hf"), layout="v5", shards=3)
+    output = tmp_path / "llava.ckpt"
+    result = run_cli("--model", "llava", "--input_path", source, "--output_path", str(output), "--dtype", "float16",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()  # no progress bar: stderr is not a terminal
+    assert len(lines) == 1 and lines[0].startswith(f"wrote {output}:"), lines
+    expected = expected_tensors(hf_models["wide"], our_config("wide").vision_config.num_computed_layers)
+    for key, value in iter_checkpoint(str(output)):
+        np.testing.assert_array_equal(value, expected[key].astype(np.float16), err_msg=key)
+
+
+def test_wrong_model_is_refused(tmp_path, capsys):
+    code = main(["--model", "llama", "--input_path", str(tmp_path), "--output_path", str(tmp_path / "x.ckpt")])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "convert_weight: error: --model 'llama' is not supported; choose from llava"]
