@@ -185,3 +185,16 @@ def test_prompt_longer_than_the_context_is_refused(small_pair):
     ids = [1] + [5] * model.config.seq_length
     with pytest.raises(ValueError, match="longer than the context seq_length=512"):
         model.generate([ids], max_new_tokens=2)
+
+
+def test_generation_without_kv_cache_gives_the_same_tokens(small_pair):
+    hf_model, model = small_pair
+    rng = np.random.default_rng(8)
+    prompts = [random_prompt(rng, model.num_image_features, 2, 3), random_prompt(rng, model.num_image_features, 6, 1)]
+    pixels = np.concatenate([random_image(rng, hf_model), random_image(rng, hf_model)])
+    cached = model.generate(prompts, pixel_values=pixels, max_new_tokens=10)
+    model.config.use_past = False
+    try:
+        assert model.generate(prompts, pixel_values=pixels, max_new_tokens=10) == cached
+    finally:
+        model.config.use_past = True

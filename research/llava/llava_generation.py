@@ -53,6 +53,15 @@ def _as_rows(input_ids, pad_token_id):
     return [np.asarray(row, np.int64).reshape(-1) for row in input_ids]
 
 
+def _right_padded(rows, pad_token_id):
+    """Ragged rows -> ([B, S] int32 padded with pad_token_id, lengths [B])."""
+    lengths = np.array([len(row) for row in rows], np.int32)
+    padded = np.full((len(rows), lengths.max()), pad_token_id, np.int32)
+    for target, row in zip(padded, rows):
+        target[:len(row)] = row
+    return padded, lengths
+
+
 def apply_repetition_penalty(logits, history, penalty):
     """HF's rule on [B, V] logits: a seen token's logit is divided by `penalty` if > 0, else multiplied."""
     if penalty == 1.0:
@@ -128,16 +137,15 @@ class GenerationLoop:
         max_new = max(0, min(max_new, self.config.seq_length - longest))
         rng = np.random.default_rng(seed)
 
-        batch = len(prompts)
-        padded = np.full((batch, longest), settings["pad_token_id"], np.int32)
-        for row, prompt in zip(padded, prompts):
-            row[:len(prompt)] = prompt
+        use_cache = self.config.use_past
         self.set_train(False)
-        self.allocate_kv_cache(batch, longest + max_new)
+        if use_cache:
+            self.allocate_kv_cache(len(prompts), longest + max_new)
         history = [list(prompt) for prompt in prompts]
-        finished = np.zeros(batch, bool)
+        finished = np.zeros(len(prompts), bool)
         positions = lengths.copy()
-        logits = self.prefill(padded, lengths, pixel_values) if max_new else None
+        pad = settings["pad_token_id"]
+        logits = self.prefill(*_right_padded(history, pad), pixel_values, use_cache) if max_new else None
         for step in range(max_new):
             scores = apply_repetition_penalty(logits.asnumpy().copy(), history, settings["repetition_penalty"])
             for processor in logits_processor or ():
@@ -151,8 +159,11 @@ class GenerationLoop:
             finished |= np.isin(tokens, list(settings["eos_token_id"]))
             if finished.all() or step == max_new - 1:
                 break
-            logits = self.decode(tokens, positions)
-            positions = positions + 1
+            if use_cache:
+                logits = self.decode(tokens, positions)
+                positions = positions + 1
+            else:  # use_past off: every step runs the whole sequence again (the reference path)
+                logits = self.prefill(*_right_padded(history, pad), pixel_values, use_cache)
         if streamer is not None:
             streamer.end()
         return history

@@ -500,13 +500,17 @@ class LlavaVlm(GenerationLoop, PreTrainedModel):
         positions = Tensor(np.broadcast_to(np.arange(length, dtype=np.int32), input_ids.shape))
         return self.logits(self.language_model(hidden, positions, causal_mask(length)))
 
-    def prefill(self, input_ids, valid_length, pixel_values=None):
-        """Run right-padded prompts [B, S] once, fill the cache; logits of each row's last token [B, V]."""
+    def prefill(self, input_ids, valid_length, pixel_values=None, use_cache=True):
+        """Run right-padded prompts [B, S] once; logits of each row's last token [B, V].
+
+        With `use_cache` the keys/values go into the cache for `decode` (padding slots >= valid_length are
+        written too; decode overwrites or masks each before reading it); without it nothing is kept.
+        """
         batch, length = input_ids.shape
         hidden = self.embed_prompt(input_ids, pixel_values)
         positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
-        # Padding slots (>= valid_length) are written too; decode overwrites or masks each before reading it.
-        hidden = self.language_model(hidden, Tensor(positions), causal_mask(length), self._cache_index(positions))
+        cache_index = self._cache_index(positions) if use_cache else None
+        hidden = self.language_model(hidden, Tensor(positions), causal_mask(length), cache_index)
         last = Tensor(np.asarray(valid_length, np.int32) - 1 + np.arange(batch, dtype=np.int32) * length)
         return self.logits(self.gather(hidden.reshape(batch * length, -1), last, 0))
 
