@@ -3,7 +3,7 @@
 Usage::
 
     python convert_weight.py --model llava --input_path HF_DIR --output_path OUT.ckpt \
-        [--dtype float16|bfloat16|float32] [--verbose]
+        [--dtype float16|bfloat16|float32] [--model_parallel N] [--verbose]
 
 `HF_DIR` holds `model.safetensors`, or shards `model-*.safetensors` with or without
 `model.safetensors.index.json` (a single `.safetensors` file may be given instead of a directory), and
@@ -18,6 +18,13 @@ Without `config.json` the sizes are inferred from the tensor shapes; what shapes
 LLaVA-1.5-7B: `vision_feature_layer=-2`, `image_token_id=32000`, attention heads from a head size of 64
 (CLIP) and 128 (LLaMA). Head counts do not change the converted checkpoint; the feature layer does (it
 decides which vision layers are stored).
+
+`--model_parallel N` (N > 1) writes the per-rank checkpoints of N-way tensor parallelism instead of one
+file: `--output_path` is then a directory and gets `rank_K/llava.ckpt` for K = 0 .. N-1 (the layout
+`run_mindformer.py --load_checkpoint DIR` loads directly; which axis each tensor is split along is in
+research/llava/llava_sharding.py). The input is still read once, each rank's slice of every tensor going
+to its own file. N must divide every split dimension and (when config.json gives them) the head counts;
+that is checked before anything is written.
 
 Tensors LLaVA never uses are skipped on purpose: the vision `post_layernorm`, the vision layers after
 `vision_feature_layer` (layer 24 of 24 for the 7B), and rotary `inv_freq` / `position_ids` buffers. Any
@@ -52,6 +59,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "research", "llava"))
 from llava_checkpoint import (CheckpointError, CheckpointWriter, check_complete,  # noqa: E402
                               check_tensor, checkpoint_layout)
+from llava_sharding import RANK_DIR, shard, sharded_layout  # noqa: E402
 
 logger = logging.getLogger("convert_weight")
 
@@ -376,7 +384,7 @@ _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
 class ConversionSummary:
     """What a conversion did."""
 
-    output_path: str
+    output_path: str  # the .ckpt, or with model_parallel > 1 the directory holding rank_K/llava.ckpt
     config: object  # the LlavaConfig the checkpoint was checked against
     config_source: str
     source_files: list
@@ -386,6 +394,8 @@ class ConversionSummary:
     output_bytes: int = 0
     dtype: str = None  # requested output dtype; None kept the source dtypes
     seconds: float = 0.0
+    model_parallel: int = 1
+    output_files: list = field(default_factory=list)  # one .ckpt per rank (one in all without parallelism)
 
 
 @dataclass(frozen=True)
@@ -435,50 +445,87 @@ def plan_conversion(input_path):
     return [planned[name] for name in layout], config, config_source, skipped, files
 
 
-def convert_llava(input_path, output_path, dtype=None, progress=True):
+def convert_llava(input_path, output_path, dtype=None, progress=True, model_parallel=1):
     """Convert an HF LLaVA-1.5 safetensors checkpoint at `input_path` into a `.ckpt` at `output_path`.
 
     Args:
         input_path: directory with `model.safetensors` or shards (+ index), and normally `config.json`;
             or one `.safetensors` file.
-        output_path: the `.ckpt` to write; replaced atomically, untouched when the conversion fails.
+        output_path: the `.ckpt` to write; replaced atomically, untouched when the conversion fails. With
+            `model_parallel` > 1, a directory that gets `rank_K/llava.ckpt` for each rank K (each file
+            replaced atomically; a conversion that fails leaves no new file or directory).
         dtype: "float16", "bfloat16", "float32", or None to keep each source tensor's dtype.
         progress: show a progress bar on stderr.
+        model_parallel: write the N per-rank shards of N-way tensor parallelism (1: one full checkpoint).
 
     Returns:
         ConversionSummary. Raises CheckpointError (a ValueError) naming the tensor or file at fault.
     """
     if dtype not in _OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of float16, bfloat16, float32 or None, got {dtype!r}")
-    if os.path.isdir(output_path):
+    if not isinstance(model_parallel, int) or model_parallel < 1:
+        raise ValueError(f"model_parallel must be a positive integer, got {model_parallel!r}")
+    if model_parallel == 1 and os.path.isdir(output_path):
         raise CheckpointError(f"output path {output_path} is a directory; give a .ckpt file name")
+    if model_parallel > 1 and os.path.exists(output_path) and not os.path.isdir(output_path):
+        raise CheckpointError(f"output path {output_path} is a file; with model_parallel={model_parallel} give "
+                              "a directory (rank_K/llava.ckpt are written in it)")
     started = time.monotonic()
     plan, config, config_source, skipped, files = plan_conversion(input_path)
     logger.debug("config: %s", config_source)
     for name, reason in skipped.items():
         logger.debug("skipped %s: %s", name, reason)
-    summary = ConversionSummary(os.path.abspath(output_path), config, config_source, files,
-                                skipped=skipped, dtype=dtype)
+    if model_parallel > 1:
+        outputs = [os.path.join(output_path, RANK_DIR.format(rank), "llava.ckpt") for rank in range(model_parallel)]
+        try:  # head counts guessed from the shapes (no config.json) are not held against N
+            sharded_layout(config, model_parallel, check_heads=config_source.endswith("config.json"))
+        except ValueError as error:
+            raise CheckpointError(f"cannot write {model_parallel} shards: {error}") from error
+    else:
+        outputs = [output_path]
+    summary = ConversionSummary(os.path.abspath(output_path), config, config_source, files, skipped=skipped,
+                                dtype=dtype, model_parallel=model_parallel,
+                                output_files=[os.path.abspath(path) for path in outputs])
     total = sum(item.source.nbytes for item in plan)
-    with contextlib.ExitStack() as stack:
-        # Unbuffered: each tensor is one large read straight into its array.
-        streams = {path: stack.enter_context(open(path, "rb", buffering=0)) for path in files}
-        bar = stack.enter_context(_ProgressBar(total, len(plan), progress))
-        writer = stack.enter_context(CheckpointWriter(output_path))
-        for item in plan:
-            out_dtype = dtype or _DTYPE_NAMES[item.source.dtype]
-            # Read, convert, and let go of the source before writing: the writer makes two more copies
-            # (bytes, then the serialized record), so the peak is about three copies of the largest tensor.
-            array = read_tensor(streams[item.source.path], item.source)
-            array = convert_array(item.kind, array, _NUMPY_DTYPES[out_dtype])
-            writer.write(item.name, array, out_dtype)
-            del array
-            summary.tensors_written += 1
-            summary.source_bytes += item.source.nbytes
-            bar.advance(item.source.nbytes)
-        summary.output_bytes = writer.bytes_written
+    # Directories made here are removed again if the conversion fails (the writers remove their own files).
+    new_directories = [] if model_parallel == 1 else [
+        path for path in (*_missing_directories(output_path), *map(os.path.dirname, outputs))
+        if not os.path.exists(path)]
+    try:
+        with contextlib.ExitStack() as stack:
+            # Unbuffered: each tensor is one large read straight into its array.
+            streams = {path: stack.enter_context(open(path, "rb", buffering=0)) for path in files}
+            bar = stack.enter_context(_ProgressBar(total, len(plan), progress))
+            writers = [stack.enter_context(CheckpointWriter(path)) for path in outputs]
+            for item in plan:
+                out_dtype = dtype or _DTYPE_NAMES[item.source.dtype]
+                # Read, convert, and let go of the source before writing: the writer makes two more copies
+                # (bytes, then the serialized record), so the peak is about three copies of the largest tensor.
+                array = read_tensor(streams[item.source.path], item.source)
+                array = convert_array(item.kind, array, _NUMPY_DTYPES[out_dtype])
+                for rank, writer in enumerate(writers):
+                    writer.write(item.name, shard(item.name, array, rank, model_parallel), out_dtype)
+                del array
+                summary.tensors_written += 1
+                summary.source_bytes += item.source.nbytes
+                bar.advance(item.source.nbytes)
+            summary.output_bytes = sum(writer.bytes_written for writer in writers)
+    except BaseException:
+        for directory in sorted(map(os.path.abspath, new_directories), key=len, reverse=True):  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)  # only if empty
+        raise
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _missing_directories(path):
+    """`path` and those of its ancestors that do not exist yet."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 class _ProgressBar(contextlib.AbstractContextManager):
@@ -547,12 +594,25 @@ def parse_args(argv):
     parser.add_argument("--model", required=True, help="model family; only 'llava' is supported")
     parser.add_argument("--input_path", required=True,
                         help="HF checkpoint directory (safetensors + config.json) or one .safetensors file")
-    parser.add_argument("--output_path", required=True, help="the .ckpt to write")
+    parser.add_argument("--output_path", required=True,
+                        help="the .ckpt to write; with --model_parallel N > 1 a directory for rank_K/llava.ckpt")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                         help="cast every tensor to this dtype (default: keep the source dtypes)")
+    parser.add_argument("--model_parallel", type=_positive_int, default=1, metavar="N",
+                        help="write the per-rank shards of N-way tensor parallelism (default 1: one full .ckpt)")
     parser.add_argument("--verbose", action="store_true",
                         help="progress bar, skipped tensors, config source; tracebacks on errors")
     return parser.parse_args(argv)
+
+
+def _positive_int(value):
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
 
 
 def _set_up_logging(verbose):
@@ -579,7 +639,8 @@ def main(argv=None):
     try:
         _import_config_module(args.verbose)
         summary = CONVERTERS[args.model](args.input_path, args.output_path, args.dtype,
-                                         progress=args.verbose or sys.stderr.isatty())
+                                         progress=args.verbose or sys.stderr.isatty(),
+                                         model_parallel=args.model_parallel)
     except KeyboardInterrupt:
         print("convert_weight: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -588,7 +649,10 @@ def main(argv=None):
             raise
         print(f"convert_weight: error: {error}", file=sys.stderr)
         return 1
-    logger.info("wrote %s: %d tensors, %.2f GB (%s), %d skipped, in %.1f s", summary.output_path,
+    written = summary.output_path
+    if summary.model_parallel > 1:
+        written += f" ({RANK_DIR.format(0)} .. {RANK_DIR.format(summary.model_parallel - 1)}/llava.ckpt)"
+    logger.info("wrote %s: %d tensors, %.2f GB (%s), %d skipped, in %.1f s", written,
                 summary.tensors_written, summary.output_bytes / 1e9, summary.dtype or "source dtypes",
                 len(summary.skipped), summary.seconds)
     return 0

@@ -160,6 +160,27 @@ def set_up_parallel(config):
     return get_rank()
 
 
+def parameter_counts(model):
+    """(parameters this process holds, those under `language_model.layers.`), KV caches not counted."""
+    from llava_checkpoint import RUNTIME_STATE_SUFFIXES
+
+    total = decoder = 0
+    for name, parameter in model.parameters_and_names():
+        if name.endswith(RUNTIME_STATE_SUFFIXES):
+            continue
+        total += parameter.size
+        if name.startswith("language_model.layers."):
+            decoder += parameter.size
+    return total, decoder
+
+
+def log_parameter_counts(model, log):
+    """One line per rank (each worker's log under msrun): what share of the weights this rank holds."""
+    total, decoder = parameter_counts(model)
+    parallel = model.tensor_parallel
+    log.info("rank %d/%d holds %d parameters, %d in the decoder layers", parallel.rank, parallel.size, total, decoder)
+
+
 def run_predict(config, examples, log):
     from llava_runtime import set_up_context
     from llava_sharding import load_model_weights
@@ -175,6 +196,7 @@ def run_predict(config, examples, log):
     load_model_weights(model, config.load_checkpoint, auto_trans_ckpt=bool(config.get("auto_trans_ckpt")),
                        save_shards_to=os.path.join(output_dir, "transformed_checkpoint"))
     log.info("model built and checkpoint %s loaded in %.1f s", config.load_checkpoint, time.time() - started)
+    log_parameter_counts(model, log)
 
     batch_size = int(config.model.model_config.get("batch_size") or 1)
     results = []

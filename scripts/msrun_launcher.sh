@@ -44,9 +44,18 @@ for number in "$worker_num" "$local_worker" "$master_port" "$node_rank"; do
   [[ "$number" =~ ^[0-9]+$ ]] || { echo "msrun_launcher.sh: '$number' is not a number" >&2; usage; }
 done
 
-# Split CMD the way the shell would, keeping quoted arguments whole (no command substitution is run:
-# xargs only tokenises).
-mapfile -d '' arguments < <(printf '%s' "$command_line" | xargs printf '%s\0')
+# Split CMD the way the shell would, keeping quoted arguments whole (Python's shlex only tokenises: no
+# variable expansion or command substitution is run). An unbalanced quote is an error, not a truncated command.
+split_command='import shlex, sys
+try:
+    words = shlex.split(sys.argv[1])
+except ValueError as error:
+    sys.exit(f"msrun_launcher.sh: cannot split CMD: {error}")
+sys.stdout.write("".join(word + "\0" for word in words))'
+arguments_file="$(mktemp)"
+trap 'rm -f "$arguments_file"' EXIT
+python -c "$split_command" "$command_line" > "$arguments_file" || usage
+mapfile -d '' arguments < "$arguments_file"
 [ "${#arguments[@]}" -ge 1 ] || { echo "msrun_launcher.sh: empty command" >&2; usage; }
 
 mkdir -p "$log_dir"

@@ -424,3 +424,114 @@ def test_wrong_model_is_refused(tmp_path, capsys):
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "convert_weight: error: --model 'llama' is not supported; choose from llava"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-rank shards (--model_parallel N): rank_K/llava.ckpt, checked against the full conversion.
+# ----------------------------------------------------------------------------------------------------------
+
+# Written out here, not taken from llava_sharding: column-parallel linears split their output axis (weights
+# are [in, out], so axis 1; biases axis 0), row-parallel ones their input axis 0 (bias kept whole).
+_COLUMN_SPLIT = ("q_proj", "k_proj", "v_proj", "fc1", "gate_proj", "up_proj")
+_ROW_SPLIT = ("out_proj", "o_proj", "fc2", "down_proj")
+
+
+def expected_split_axis(name):
+    module, kind = name.split(".")[-2:]
+    if module in _COLUMN_SPLIT:
+        return 1 if kind == "weight" else 0
+    if module in _ROW_SPLIT and kind == "weight":
+        return 0
+    return None
+
+
+@pytest.mark.parametrize("name,dtype", [("small", None), ("wide", "float16")])
+def test_model_parallel_shards_make_up_the_full_conversion(hf_models, tmp_path, name, dtype):
+    source = save_hf_checkpoint(hf_models[name], str(tmp_path / "hf"), shards=2)
+    full = read_back(convert_llava(source, str(tmp_path / "full.ckpt"), dtype=dtype, progress=False).output_path)
+    summary = convert_llava(source, str(tmp_path / "shards"), dtype=dtype, progress=False, model_parallel=2)
+
+    assert sorted(os.listdir(tmp_path / "shards")) == ["rank_0", "rank_1"]
+    assert summary.output_files == [str(tmp_path / "shards" / f"rank_{k}" / "llava.ckpt") for k in range(2)]
+    for rank in range(2):
+        assert os.listdir(tmp_path / "shards" / f"rank_{rank}") == ["llava.ckpt"]
+    ranks = [read_back(path) for path in summary.output_files]
+    assert list(ranks[0]) == list(ranks[1]) == list(full)  # same names, same order
+    split = 0
+    for key, value in full.items():
+        axis = expected_split_axis(key)
+        for rank in ranks:
+            assert rank[key].dtype == value.dtype, key
+        if axis is None:  # replicated: whole on every rank
+            for rank in ranks:
+                np.testing.assert_array_equal(rank[key], value, err_msg=key)
+        else:
+            split += 1
+            assert ranks[0][key].shape[axis] * 2 == value.shape[axis], key
+            np.testing.assert_array_equal(np.concatenate([rank[key] for rank in ranks], axis=axis), value,
+                                          err_msg=key)
+    # Per vision layer q/k/v weights and biases, fc1 weight and bias, out_proj and fc2 weights; per text
+    # layer q/k/v/o and gate/up/down.
+    config = our_config(name)
+    assert split == 10 * config.vision_config.num_computed_layers + 7 * config.text_config.num_layers
+    assert summary.tensors_written == len(full)
+
+
+def test_model_parallel_not_dividing_the_heads_writes_nothing(hub_dir, tmp_path):
+    # small: 4 heads in both towers; 8 divides every split dimension (32, 64, 128) but not the heads.
+    for size in (3, 8):
+        with pytest.raises(CheckpointError, match=f"model_parallel={size} does not divide the 4 vision attention "
+                                                  "heads"):
+            convert_llava(hub_dir, str(tmp_path / "shards"), progress=False, model_parallel=size)
+        assert not os.path.exists(tmp_path / "shards")
+
+
+def test_model_parallel_not_dividing_a_dimension_names_the_tensor(hf_models, tmp_path):
+    # wide: 6 heads divide by 3, the text MLP's 160 channels do not.
+    source = save_hf_checkpoint(hf_models["wide"], str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError, match=r"does not divide dimension 1 \(160\) of "
+                                              r"'language_model\.layers\.0\.mlp\.gate_proj\.weight'"):
+        convert_llava(source, str(tmp_path / "shards"), progress=False, model_parallel=3)
+    assert not os.path.exists(tmp_path / "shards")
+
+
+def test_model_parallel_error_mid_way_leaves_nothing(hub_dir, tmp_path, monkeypatch):
+    fail_on_call(monkeypatch, 40)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        convert_llava(hub_dir, str(tmp_path / "new" / "shards"), progress=False, model_parallel=2)
+    assert os.listdir(tmp_path) == ["hf"]  # neither rank_K, nor the directories made for them
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    fail_on_call(monkeypatch, 20)
+    with pytest.raises(RuntimeError):
+        convert_llava(hub_dir, str(existing), progress=False, model_parallel=2)
+    assert os.listdir(existing) == []
+
+
+def test_model_parallel_output_must_be_a_directory(hub_dir, tmp_path):
+    (tmp_path / "x.ckpt").write_bytes(b"previous")
+    with pytest.raises(CheckpointError, match="is a file; with model_parallel=2 give a directory"):
+        convert_llava(hub_dir, str(tmp_path / "x.ckpt"), progress=False, model_parallel=2)
+    assert (tmp_path / "x.ckpt").read_bytes() == b"previous"
+
+
+def test_cli_model_parallel(hf_models, tmp_path):
+    source = save_hf_checkpoint(hf_models["small"], str(tmp_path / "hf"))
+    result = run_cli("--model", "llava", "--input_path", source, "--output_path", str(tmp_path / "shards"),
+                     "--model_parallel", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"wrote {tmp_path / 'shards'} (rank_0 .. rank_1/llava.ckpt):")
+    expected = expected_tensors(hf_models["small"], our_config("small").vision_config.num_computed_layers)
+    shards = [read_back(str(tmp_path / "shards" / f"rank_{k}" / "llava.ckpt")) for k in range(2)]
+    name = "language_model.layers.1.mlp.down_proj.weight"  # row-parallel: [in, out], split on axis 0
+    np.testing.assert_array_equal(np.concatenate([shards[0][name], shards[1][name]], axis=0), expected[name])
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_cli_model_parallel_must_be_positive(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "llava", "--input_path", str(tmp_path), "--output_path", str(tmp_path / "x"),
+              "--model_parallel", value])
+    assert exit_info.value.code == 2
+    assert "--model_parallel: expected a positive integer" in capsys.readouterr().err

@@ -37,8 +37,23 @@ def shard(name, array, rank, size):
     return array[tuple(index)]
 
 
-def sharded_layout(config, size):
-    """Name -> shape of one rank's parameters under `size`-way model parallelism."""
+def check_heads_divisible(config, size):
+    """Raise ValueError unless `size` divides the attention head counts of both towers (a rank holds whole
+    heads; the model refuses the same at build time)."""
+    for heads, what in ((config.vision_config.num_attention_heads, "vision attention heads"),
+                        (config.text_config.num_heads, "text attention heads")):
+        if heads % size:
+            raise ValueError(f"model_parallel={size} does not divide the {heads} {what}")
+
+
+def sharded_layout(config, size, check_heads=True):
+    """Name -> shape of one rank's parameters under `size`-way model parallelism.
+
+    Raises ValueError naming the heads (`check_heads`: off when the head counts are only guessed) or the
+    tensor and dimension that `size` does not divide.
+    """
+    if check_heads and size > 1:
+        check_heads_divisible(config, size)
     layout = {}
     for name, shape in checkpoint_layout(config).items():
         axis = split_axis(name)
