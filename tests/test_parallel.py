@@ -237,3 +237,19 @@ def test_launcher_usage_errors(tmp_path):
         assert result.returncode == 2, (arguments, result.stderr)
         assert message in result.stderr and "Several nodes" in result.stderr  # the error, then the usage
     assert os.listdir(tmp_path) == []  # nothing was launched
+
+
+def test_sharded_directory_for_another_model_parallel_is_refused(tmp_path):
+    """A 2-rank directory given to a single-card run: the message says the shard count does not fit."""
+    from hf_reference import make_hf_llava
+    from llava_checkpoint import CheckpointError
+    from llava_model import LlavaVlm
+    from llava_sharding import load_model_weights
+    from test_model import llava_config_from_hf
+
+    for rank in range(2):
+        (tmp_path / f"rank_{rank}").mkdir()
+        (tmp_path / f"rank_{rank}" / "llava.ckpt").write_bytes(b"")
+    model = LlavaVlm(llava_config_from_hf(make_hf_llava("small").config))
+    with pytest.raises(CheckpointError, match="shards for 2 ranks but model_parallel is 1"):
+        load_model_weights(model, str(tmp_path))

@@ -24,6 +24,7 @@ from llava_generation import GenerationLoop
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 _MASK_VALUE = -1e9  # finite: fully masked padding rows must not produce NaN
+KV_CACHE_BLOCK = 256  # cache lengths are multiples of this (see LlavaVlm.allocate_kv_cache)
 
 
 def mindspore_dtype(name):
@@ -535,12 +536,18 @@ class LlavaVlm(GenerationLoop, PreTrainedModel):
         return Tensor(index.reshape(-1, 3))
 
     def allocate_kv_cache(self, batch, length):
-        """Size the cache for `batch` rows of up to `length` tokens (kept when already that size)."""
+        """Make the cache hold `batch` rows of at least `length` tokens.
+
+        Lengths are rounded up to a multiple of KV_CACHE_BLOCK (capped at seq_length) and a cache that is
+        already long enough is kept: each new cache shape costs a compile of the decode step, and calls with
+        different prompt lengths or max_new_tokens would otherwise pay it again and again.
+        """
         if length > self.config.seq_length:
             raise ValueError(f"{length} tokens do not fit the context seq_length={self.config.seq_length}")
         first = self.language_model.layers[0].self_attn
-        if first.key_cache is not None and first.key_cache.shape[:1] + first.key_cache.shape[2:3] == (batch, length):
+        if first.key_cache is not None and first.key_cache.shape[0] == batch and first.key_cache.shape[2] >= length:
             return
+        length = min(-(-length // KV_CACHE_BLOCK) * KV_CACHE_BLOCK, self.config.seq_length)
         for layer in self.language_model.layers:
             layer.self_attn.allocate_cache(batch, length)
         # A new step for the new cache Parameters (compiled on first use); kept outside the Cell tree so its

@@ -118,6 +118,12 @@ def load_model_weights(model, path, auto_trans_ckpt=False, save_shards_to=None):
     """
     tensor_parallel = model.tensor_parallel
     if is_sharded_directory(path):
+        ranks = sum(1 for name in os.listdir(path) if re.fullmatch(RANK_DIR.format(r"\d+"), name))
+        if ranks != tensor_parallel.size:
+            raise CheckpointError(f"{path} holds shards for {ranks} ranks but model_parallel is "
+                                  f"{tensor_parallel.size}; reshard from the full checkpoint "
+                                  "(--auto_trans_ckpt True) or convert with --model_parallel "
+                                  f"{tensor_parallel.size}")
         return load_checkpoint_into(model, rank_checkpoint(path, tensor_parallel.rank))
     path = resolve_checkpoint_file(path)
     if tensor_parallel.size == 1:
