@@ -118,9 +118,12 @@ def load_model_weights(model, path, auto_trans_ckpt=False, save_shards_to=None):
     """
     tensor_parallel = model.tensor_parallel
     if is_sharded_directory(path):
-        ranks = sum(1 for name in os.listdir(path) if re.fullmatch(RANK_DIR.format(r"\d+"), name))
-        if ranks != tensor_parallel.size:
-            raise CheckpointError(f"{path} holds shards for {ranks} ranks but model_parallel is "
+        present = {name for name in os.listdir(path) if re.fullmatch(RANK_DIR.format(r"\d+"), name)}
+        expected = {RANK_DIR.format(rank) for rank in range(tensor_parallel.size)}
+        for rank in range(tensor_parallel.size):
+            rank_checkpoint(path, rank)  # names the first missing rank directory
+        if present != expected:
+            raise CheckpointError(f"{path} holds shards for {len(present)} ranks but model_parallel is "
                                   f"{tensor_parallel.size}; reshard from the full checkpoint "
                                   "(--auto_trans_ckpt True) or convert with --model_parallel "
                                   f"{tensor_parallel.size}")
