@@ -198,3 +198,23 @@ def test_generation_without_kv_cache_gives_the_same_tokens(small_pair):
         assert model.generate(prompts, pixel_values=pixels, max_new_tokens=10) == cached
     finally:
         model.config.use_past = True
+
+
+def test_float16_compute_and_parameters_stay_close_to_float32(tmp_path_factory):
+    """The Ascend settings (float16 matmuls and weights, float32 norms/softmax) on CPU's float16 kernels."""
+    hf_model = make_hf_llava("small", seed=3)
+    directory = tmp_path_factory.mktemp("fp16")
+    save_hf_checkpoint(hf_model, str(directory / "hf"))
+    convert_llava(str(directory / "hf"), str(directory / "llava.ckpt"), dtype="float16", progress=False)
+    model = LlavaVlm(llava_config_from_hf(hf_model.config, compute_dtype="float16", param_init_type="float16"))
+    load_checkpoint_into(model, str(directory / "llava.ckpt"))
+    assert model.lm_head.weight.dtype == ms.float16
+    assert model.language_model.norm.weight.dtype == ms.float32
+    rng = np.random.default_rng(9)
+    ids = random_prompt(rng, model.num_image_features, 5, 6)
+    pixels = random_image(rng, hf_model)
+    ours = model(ms.Tensor(np.array([ids], np.int32)), ms.Tensor(pixels)).asnumpy()[0]
+    reference = hf_logits(hf_model, ids, pixels)
+    error = np.abs(ours - reference).max()
+    assert 1e-4 < error < 0.05 * np.abs(reference).max()  # float16 rounding shows, but only as rounding
+    assert (ours.argmax(-1) == reference.argmax(-1)).mean() > 0.9

@@ -495,6 +495,12 @@ class LlavaVlm(GenerationLoop, PreTrainedModel):
         self.projector = Projector(config.vision_config.hidden_size, text.hidden_size, compute_dtype)
         self.language_model = LlamaModel(text, config.seq_length, compute_dtype, self.tensor_parallel)
         self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False, compute_dtype=compute_dtype)
+        # Matrices (linear weights, embedding tables) are stored in param_init_type; vectors (norm weights,
+        # biases, the class token) stay float32, as the norms compute in float32.
+        param_dtype = mindspore_dtype(config.param_init_type)
+        for parameter in self.get_parameters():
+            if parameter.ndim == 2 and parameter.dtype != param_dtype:
+                parameter.set_dtype(param_dtype)
         self._set_step("_vision_step", VisionStep(self.vision_tower, self.projector))
         self._set_step("_prefill_without_cache", PrefillStep(self.language_model, self.lm_head))
 
