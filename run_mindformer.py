@@ -186,11 +186,12 @@ def run_predict(config, examples, log):
     from llava_sharding import load_model_weights
 
     context = config.get("context") or {}
-    set_up_context(device_target=context.get("device_target", "CPU"), mode=context.get("mode", 1))
+    output_dir = config.get("output_dir") or "./output"
+    set_up_context(device_target=context.get("device_target", "CPU"), mode=context.get("mode", 1),
+                   compile_cache_dir=os.path.join(output_dir, "compile_cache"))
     rank = set_up_parallel(config)
     if not config.get("load_checkpoint"):
         raise ValueError("no checkpoint: pass --load_checkpoint (a .ckpt file from convert_weight.py)")
-    output_dir = config.get("output_dir") or "./output"
     started = time.time()
     model, tokenizer, processor = build_components(config)
     load_model_weights(model, config.load_checkpoint, auto_trans_ckpt=bool(config.get("auto_trans_ckpt")),

@@ -96,6 +96,7 @@ def test_predict_gives_hf_greedy_tokens(setup):
     assert rows[0]["text"] in result.stdout
     assert result.stderr.strip() == ""  # quiet by default
     assert not os.path.exists(setup["root"] / "modules")  # MindFormers' module cache stays under output_dir
+    assert os.listdir(setup["root"] / "out" / "compile_cache")  # compiled graphs kept for the next run
 
 
 def run_failing(setup, **kwargs):
