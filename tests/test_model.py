@@ -218,3 +218,20 @@ def test_float16_compute_and_parameters_stay_close_to_float32(tmp_path_factory):
     error = np.abs(ours - reference).max()
     assert 1e-4 < error < 0.05 * np.abs(reference).max()  # float16 rounding shows, but only as rounding
     assert (ours.argmax(-1) == reference.argmax(-1)).mean() > 0.9
+
+
+def test_weights_loaded_after_a_generate_are_used(tmp_path_factory):
+    """Compiled steps must not keep the weights they were compiled with."""
+    first, model = converted_model(tmp_path_factory, "small", "hub", 1)
+    second = make_hf_llava("small", seed=99)
+    directory = tmp_path_factory.mktemp("second")
+    save_hf_checkpoint(second, str(directory / "hf"))
+    convert_llava(str(directory / "hf"), str(directory / "llava.ckpt"), progress=False)
+    rng = np.random.default_rng(10)
+    ids = random_prompt(rng, model.num_image_features, 3, 5)
+    pixels = random_image(rng, first)
+    assert model.generate([ids], pixel_values=pixels, max_new_tokens=12)[0][len(ids):] == \
+        hf_greedy(first, ids, pixels, 12)
+    load_checkpoint_into(model, str(directory / "llava.ckpt"))
+    assert model.generate([ids], pixel_values=pixels, max_new_tokens=12)[0][len(ids):] == \
+        hf_greedy(second, ids, pixels, 12)

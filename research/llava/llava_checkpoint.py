@@ -283,6 +283,7 @@ def load_tensors_into(model, tensors, source):
     for name, array in tensors:
         check_tensor(name, array.shape, layout, source)
         parameter = parameters[name]
-        parameter.set_data(ms.Tensor(array).astype(parameter.dtype))
+        # In place: graphs compiled before this load (set_data would swap the buffer under them) see it too.
+        ms.ops.assign(parameter, ms.Tensor(array).astype(parameter.dtype))
         seen.add(name)
     check_complete(seen, layout, source)
