@@ -124,6 +124,9 @@ class LlavaConfig(PretrainedConfig):
         compute_dtype: matmul dtype ("float32" on CPU; "float16"/"bfloat16" on Ascend). Norms and
             softmax always run in float32.
         use_past: KV cache on (prefill once, then one token per step).
+        compile_prefill: compile the vision tower and the prompt prefill as graphs (1.4x faster on CPU). On
+            CPU MindSpore keeps every activation of a compiled graph allocated (+4.3 GB at the benchmark's
+            size); False runs them op by op. The decode step is always compiled (it needs little memory).
         model_parallel: ranks the attention/MLP blocks are split across (the YAML's
             `parallel_config.model_parallel`, applied by run_mindformer.py when --use_parallel is on).
     """
@@ -134,7 +137,7 @@ class LlavaConfig(PretrainedConfig):
                  projector_hidden_act="gelu", seq_length=2048, batch_size=1, compute_dtype="float32",
                  param_init_type="float32", use_past=True, do_sample=False, top_k=0, top_p=1.0,
                  temperature=1.0, repetition_penalty=1.0, max_decode_length=1024, max_new_tokens=None,
-                 model_parallel=1, **kwargs):
+                 compile_prefill=True, model_parallel=1, **kwargs):
         if not isinstance(vision_config, LlavaCLIPConfig):
             vision_config = LlavaCLIPConfig(**_sub_config_values(vision_config))
         if not isinstance(text_config, LlavaTextConfig):
@@ -160,6 +163,7 @@ class LlavaConfig(PretrainedConfig):
         self.repetition_penalty = repetition_penalty
         self.max_decode_length = max_decode_length
         self.max_new_tokens = max_new_tokens
+        self.compile_prefill = bool(compile_prefill)
         self.model_parallel = int(model_parallel)
 
     def to_dict(self):
