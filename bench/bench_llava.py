@@ -28,7 +28,8 @@ QUESTION = "Describe the image in English, with the colours and the positions of
 VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
               image_size=336, patch_size=14)
 TEXT = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16, vocab_size=32064)
-SYSTEMS = ("hf-fp32", "hf-bf16", "ours-fp32")
+# ours-fp32: vision and prefill compiled; ours-fp32-eager: compile_prefill False (op by op, less memory).
+SYSTEMS = ("hf-fp32", "hf-bf16", "ours-fp32", "ours-fp32-eager")
 
 
 def peak_rss_mb():
@@ -104,7 +105,7 @@ def run_hf(hf_dir, dtype, runs):
         return measure(vision, generate, runs)
 
 
-def run_ours(checkpoint, runs):
+def run_ours(checkpoint, runs, compile_prefill):
     import numpy as np
     from llava_runtime import set_up_context
     set_up_context("CPU", mode=1, threads=THREADS)
@@ -114,7 +115,8 @@ def run_ours(checkpoint, runs):
     from llava_model import LlavaVlm
 
     ids, pixels = prompt_inputs(336)
-    config = LlavaConfig(vision_config=VISION, text_config=dict(TEXT), seq_length=2048)
+    config = LlavaConfig(vision_config=VISION, text_config=dict(TEXT), seq_length=2048,
+                         compile_prefill=compile_prefill)
     model = LlavaVlm(config)
     load_checkpoint_into(model, checkpoint)
     pixel_tensor = ms.Tensor(pixels)
@@ -204,7 +206,7 @@ def worker_main(args):
     elif args.worker.startswith("hf-"):
         result = run_hf(args.hf_dir, args.worker.split("-")[1], args.runs)
     else:
-        result = run_ours(args.checkpoint, args.runs)
+        result = run_ours(args.checkpoint, args.runs, compile_prefill=not args.worker.endswith("-eager"))
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -229,12 +231,15 @@ def summarize(results):
 def print_report(table, floor, tokens_agree, prompt_length):
     columns = ("vision_ms", "prefill_ms", "ttft_ms", "decode_tok_s", "peak_rss_mb")
     print(f"\nprompt {prompt_length} tokens + {NEW_TOKENS} new, {THREADS} threads, medians")
-    print(f"{'system':<12}" + "".join(f"{c:>15}" for c in columns))
+    print(f"{'system':<22}" + "".join(f"{c:>15}" for c in columns))
     for system, row in table.items():
-        print(f"{system:<12}" + "".join(f"{row[c]:>15.1f}" for c in columns))
+        print(f"{system:<22}" + "".join(f"{row[c]:>15.1f}" for c in columns))
+    for variant in ("ours-fp32", "ours-fp32-eager"):
+        for peer in ("hf-fp32", "hf-bf16"):
+            if variant in table and peer in table:
+                label = f"{variant[5:]}/{peer}"
+                print(f"{label:<22}" + "".join(f"{table[variant][c] / table[peer][c]:>15.2f}" for c in columns))
     ours = table["ours-fp32"]
-    for peer in ("hf-fp32", "hf-bf16"):
-        print(f"{'ours/' + peer:<12}" + "".join(f"{ours[c] / table[peer][c]:>15.2f}" for c in columns))
     print(f"\nfp32 tokens identical (ours vs HF): {tokens_agree}")
     vision_floor = floor["vision_flops"] / floor["gflops"] / 1e6
     prefill_floor = floor["prefill_flops"] / floor["gflops"] / 1e6
