@@ -15,7 +15,6 @@ printed, and OUTPUT_DIR/predict_results.jsonl gets one object per input:
 {"image", "prompt", "text", "token_ids"} (token_ids: the generated ids only).
 """
 import argparse
-import copy
 import json
 import logging
 import os
@@ -121,24 +120,6 @@ def predict_examples(predict_data, modal_type):
     return examples
 
 
-def build_components(config):
-    """Model, tokenizer and processor from the YAML through MindFormers' registry."""
-    from mindformers.models.build_model import build_network
-    from mindformers.models.build_tokenizer import build_tokenizer
-    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
-
-    model = build_network(config.model)
-    processor_config = copy.deepcopy(config.processor)
-    tokenizer = build_tokenizer(processor_config.pop("tokenizer"))
-    processor = MindFormerRegister.get_instance_from_cfg(
-        processor_config, MindFormerModuleType.PROCESSOR,
-        default_args={"tokenizer": tokenizer, "num_image_features": model.num_image_features,
-                      "max_length": model.config.seq_length})
-    from llava_tokenizer import check_vocab_fits
-    check_vocab_fits(tokenizer, model.config.text_config.vocab_size, model.config.image_token_id)
-    return model, tokenizer, processor
-
-
 def set_up_parallel(config):
     """With --use_parallel: join the msrun job and check its size. Returns this process' rank."""
     parallel = config.get("parallel_config") or {}
@@ -182,7 +163,7 @@ def log_parameter_counts(model, log):
 
 
 def run_predict(config, examples, log):
-    from llava_runtime import set_up_context
+    from llava_runtime import build_components, set_up_context
     from llava_sharding import load_model_weights
 
     context = config.get("context") or {}

@@ -54,3 +54,28 @@ def quiet_logs(output_dir, verbose=False):
     for handler in logging.getLogger("mindformers").handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.ERROR)
+
+
+def build_components(config, processor_config=None):
+    """Model, tokenizer and processor from a run config through MindFormers' registry (YAML `type:` and
+    `auto_register:` keys), checking that the tokenizer fits the model's vocabulary.
+
+    processor_config: the processor section, with its `tokenizer:` (default `config.processor`).
+    """
+    import copy  # pylint: disable=import-outside-toplevel
+
+    from mindformers.models.build_model import build_network  # pylint: disable=import-outside-toplevel
+    from mindformers.models.build_tokenizer import build_tokenizer  # pylint: disable=import-outside-toplevel
+    from mindformers.tools.register import (MindFormerModuleType,  # pylint: disable=import-outside-toplevel
+                                            MindFormerRegister)
+    from llava_tokenizer import check_vocab_fits  # pylint: disable=import-outside-toplevel
+
+    model = build_network(config.model)
+    processor_config = copy.deepcopy(processor_config if processor_config is not None else config.processor)
+    tokenizer = build_tokenizer(processor_config.pop("tokenizer"))
+    processor = MindFormerRegister.get_instance_from_cfg(
+        processor_config, MindFormerModuleType.PROCESSOR,
+        default_args={"tokenizer": tokenizer, "num_image_features": model.num_image_features,
+                      "max_length": model.config.seq_length})
+    check_vocab_fits(tokenizer, model.config.text_config.vocab_size, model.config.image_token_id)
+    return model, tokenizer, processor
