@@ -19,6 +19,7 @@ setup: $(STAMP)
 TINY := research/llava/llava_tiny
 
 demo: setup
+	@test -f $(TINY)/llava_tiny.ckpt || { echo "make demo: no trained tiny model at $(TINY)/llava_tiny.ckpt yet (issue 3: train it with make train-demo)" >&2; exit 1; }
 	$(PY) run_mindformer.py --config $(TINY)/predict_llava_tiny.yaml --register_path research/llava \
 		--run_mode predict --device_target CPU --load_checkpoint $(TINY)/llava_tiny.ckpt --modal_type image text \
 		--predict_data $(TINY)/demo.png "Describe the image." $(TINY)/demo.png "How many shapes are there?" \

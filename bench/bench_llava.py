@@ -121,8 +121,10 @@ def run_ours(checkpoint, runs, compile_prefill):
     load_checkpoint_into(model, checkpoint)
     pixel_tensor = ms.Tensor(pixels)
 
+    vision_step = model._vision_step if compile_prefill else model._vision_step.run  # as prefill() runs it
+
     def vision():
-        return model.image_features(pixel_tensor).asnumpy()
+        return vision_step(pixel_tensor).asnumpy()
 
     def generate(new_tokens):
         # eos -1: exactly `new_tokens` tokens, as HF's min_new_tokens does.

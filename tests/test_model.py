@@ -103,13 +103,13 @@ def test_prefill_logits_match_hf(pair):
     assert np.abs(last - reference[-1]).max() < 1e-4
 
 
-def test_prefill_run_op_by_op_matches_hf(pair):
-    """compile_prefill False: the vision and prefill steps run op by op; same logits and tokens."""
+def test_compiled_prefill_matches_hf(pair):
+    """compile_prefill True: the vision and prefill steps run as compiled graphs; same logits and tokens."""
     hf_model, model = pair
     rng = np.random.default_rng(11)
     ids = random_prompt(rng, model.num_image_features, 4, 7)
     pixels = random_image(rng, hf_model)
-    model.config.compile_prefill = False
+    model.config.compile_prefill = True
     try:
         model.allocate_kv_cache(1, len(ids) + 4)
         last = model.prefill(np.array([ids], np.int32), np.array([len(ids)]), pixels).asnumpy()[0]
@@ -117,7 +117,7 @@ def test_prefill_run_op_by_op_matches_hf(pair):
         assert model.generate([ids], pixel_values=pixels, max_new_tokens=8)[0][len(ids):] == \
             hf_greedy(hf_model, ids, pixels, 8)
     finally:
-        model.config.compile_prefill = True
+        model.config.compile_prefill = False
 
 
 def test_greedy_generation_matches_hf(pair):

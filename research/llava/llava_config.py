@@ -124,9 +124,10 @@ class LlavaConfig(PretrainedConfig):
         compute_dtype: matmul dtype ("float32" on CPU; "float16"/"bfloat16" on Ascend). Norms and
             softmax always run in float32.
         use_past: KV cache on (prefill once, then one token per step).
-        compile_prefill: compile the vision tower and the prompt prefill as graphs (1.4x faster on CPU). On
-            CPU MindSpore keeps every activation of a compiled graph allocated (+4.3 GB at the benchmark's
-            size); False runs them op by op. The decode step is always compiled (it needs little memory).
+        compile_prefill: compile the vision tower and the prompt prefill as graphs too (the decode step always
+            is). Off by default: on CPU MindSpore keeps every activation of a compiled graph allocated
+            (7.0 GB peak vs 3.2 GB at the benchmark's size) and, measured in bench/bench_llava.py, decode then
+            ran at 14 tok/s instead of 30 while time to first token improved 2.0x. The Ascend YAML turns it on.
         model_parallel: ranks the attention/MLP blocks are split across (the YAML's
             `parallel_config.model_parallel`, applied by run_mindformer.py when --use_parallel is on).
     """
@@ -137,7 +138,7 @@ class LlavaConfig(PretrainedConfig):
                  projector_hidden_act="gelu", seq_length=2048, batch_size=1, compute_dtype="float32",
                  param_init_type="float32", use_past=True, do_sample=False, top_k=0, top_p=1.0,
                  temperature=1.0, repetition_penalty=1.0, max_decode_length=1024, max_new_tokens=None,
-                 compile_prefill=True, model_parallel=1, **kwargs):
+                 compile_prefill=False, model_parallel=1, **kwargs):
         if not isinstance(vision_config, LlavaCLIPConfig):
             vision_config = LlavaCLIPConfig(**_sub_config_values(vision_config))
         if not isinstance(text_config, LlavaTextConfig):
