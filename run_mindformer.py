@@ -168,8 +168,7 @@ def run_predict(config, examples, log):
 
     context = config.get("context") or {}
     output_dir = config.get("output_dir") or "./output"
-    set_up_context(device_target=context.get("device_target", "CPU"), mode=context.get("mode", 1),
-                   compile_cache_dir=os.path.join(output_dir, "compile_cache"))
+    set_up_context(device_target=context.get("device_target", "CPU"), mode=context.get("mode", 1))
     rank = set_up_parallel(config)
     if not config.get("load_checkpoint"):
         raise ValueError("no checkpoint: pass --load_checkpoint (a .ckpt file from convert_weight.py)")

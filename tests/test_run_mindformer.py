@@ -67,10 +67,10 @@ def command(setup, image=None, question=QUESTION, checkpoint=None, options=()):
             *options]
 
 
-def hf_greedy_ids(setup):
+def hf_greedy_ids(setup, question=QUESTION):
     tokenizer = LlavaTokenizer(TOKENIZER)
     processor = LlavaProcessor(tokenizer, num_image_features=4, max_length=128, image_size=28)
-    inputs = processor([QUESTION], [setup["image"]])
+    inputs = processor([question], [setup["image"]])
     ids = inputs["input_ids"][0]
     with torch.no_grad():
         out = setup["hf"].generate(input_ids=torch.tensor([ids]), pixel_values=torch.tensor(inputs["pixel_values"]),
@@ -96,7 +96,6 @@ def test_predict_gives_hf_greedy_tokens(setup):
     assert rows[0]["text"] in result.stdout
     assert result.stderr.strip() == ""  # quiet by default
     assert not os.path.exists(setup["root"] / "modules")  # MindFormers' module cache stays under output_dir
-    assert os.listdir(setup["root"] / "out" / "compile_cache")  # compiled graphs kept for the next run
 
 
 def run_failing(setup, **kwargs):
@@ -140,3 +139,22 @@ def test_prompt_longer_than_the_context(setup):
 def test_wrong_vocab_file(setup):
     error = run_failing(setup, options=[f"processor.tokenizer.vocab_file={setup['image']}"])
     assert "photo.png" in error
+
+
+def test_two_examples_in_one_batch(setup):
+    """--predict_batch_size 2: two IMAGE TEXT pairs generated together; each row equals HF greedy alone."""
+    rng = np.random.default_rng(1)
+    second_image = str(setup["root"] / "second.png")
+    Image.fromarray((rng.random((30, 30, 3)) * 255).astype(np.uint8)).save(second_image)
+    command_line = command(setup)
+    data = command_line.index("--predict_data")
+    command_line[data + 1:data + 3] = [setup["image"], QUESTION, second_image, "And the colours?"]
+    result = subprocess.run([sys.executable, os.path.join(REPO, "run_mindformer.py"), *command_line,
+                             "--predict_batch_size", "2"], capture_output=True, text=True, cwd=str(setup["root"]),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    with open(setup["root"] / "out" / "predict_results.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [row["image"] for row in rows] == [setup["image"], second_image]
+    assert rows[0]["token_ids"] == hf_greedy_ids(setup)[0]
+    assert rows[1]["token_ids"] == hf_greedy_ids(dict(setup, image=second_image), "And the colours?")[0]

@@ -4,11 +4,11 @@ import os
 _cpu_threads_set = False
 
 
-def set_up_context(device_target="CPU", mode=1, threads=None, compile_cache_dir=None):
+def set_up_context(device_target="CPU", mode=1, threads=None):
     """MindSpore context for inference; safe to call more than once.
 
-    With `compile_cache_dir`, compiled graphs (the vision, prefill and decode steps) are kept on disk and
-    reused by the next process: a small model's first generate went from 3.6 s to 0.4 s.
+    (MindSpore's on-disk compile cache is deliberately not used: a graph cached for one image count was
+    reused for another and failed in Reshape, see the notes of issue 4.)
 
     On CPU the default op thread pool is far larger than the core count and thrashes, so it is pinned to
     the cores available to this process (MindSpore accepts that once per process); and PyNative's
@@ -21,8 +21,6 @@ def set_up_context(device_target="CPU", mode=1, threads=None, compile_cache_dir=
     if mode not in (0, 1):
         raise ValueError(f"mode must be 0 (graph) or 1 (PyNative), got {mode}")
     ms.set_context(mode=mode, device_target=device_target)
-    if compile_cache_dir:
-        ms.set_context(enable_compile_cache=True, compile_cache_path=compile_cache_dir)
     if device_target == "CPU" and not _cpu_threads_set:
         ms.device_context.cpu.op_tuning.threads_num(threads or len(os.sched_getaffinity(0)))
         ms.runtime.launch_blocking()
