@@ -25,7 +25,7 @@ demo: setup
 		$(TINY)/demo.png "What color is the triangle?" $(TINY)/demo.png "What shape is blue?"
 
 # Rebuilds the tiny model from scratch: vocabulary and demo image (deterministic), then training on CPU
-# (seeded; about 18 minutes on 2 cores), writing $(TINY)/llava_tiny.ckpt.
+# (seeded; about 16 minutes on 2 cores), writing $(TINY)/llava_tiny.ckpt.
 train-demo: setup
 	$(PY) research/llava/tiny_assets.py $(TINY)
 	$(PY) run_mindformer.py --config $(TINY)/finetune_llava_tiny.yaml --register_path research/llava \

@@ -194,10 +194,11 @@ _PREFIXES = (
 )
 _VISION_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
 _TEXT_LAYER = re.compile(r"layers\.(\d+)\.")
-# Linear layers: HF stores [out, in]; we store [in, out].
+
+# Linear weights we store [in, out] (transposed from HF's [out, in]); the row-parallel ones (o_proj, out_proj,
+# fc2, down_proj) keep HF's layout (see `Linear` in research/llava/llava_model.py).
 _LINEAR_SUFFIXES = tuple(f"{name}.weight" for name in (
-    "q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "fc1", "fc2",
-    "gate_proj", "up_proj", "down_proj", "linear_1", "linear_2"))
+    "q_proj", "k_proj", "v_proj", "fc1", "gate_proj", "up_proj", "linear_1", "linear_2"))
 PATCH_EMBEDDING = "vision_tower.embeddings.patch_embedding.weight"
 
 

@@ -13,3 +13,17 @@ os.environ.setdefault("GLOG_v", "3")
 # MindSpore switches protobuf to its pure-Python mode; importing it after transformers has loaded protobuf
 # crashes, so it is imported first, whatever order the test modules come in.
 import mindspore  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
+
+import pytest  # noqa: E402  pylint: disable=wrong-import-position
+from mindformers.tools.register import MindFormerRegister  # noqa: E402  pylint: disable=wrong-import-position
+
+
+@pytest.fixture(autouse=True, scope="module")
+def isolated_registry():
+    """Each test module starts from the registry as imported. Building from a YAML's `auto_register:` keys
+    re-registers our classes from MindFormers' copies in ./modules, which would otherwise leak into later
+    modules' identity checks (`get_cls(...) is LlavaTokenizer`)."""
+    saved = {kind: dict(entries) for kind, entries in MindFormerRegister.registry.items()}
+    yield
+    MindFormerRegister.registry.clear()
+    MindFormerRegister.registry.update(saved)

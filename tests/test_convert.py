@@ -39,6 +39,10 @@ def our_config(name):
                        text_config=dict(spec["text"], vocab_size=VOCAB_SIZE))
 
 
+_ROW_SPLIT = ("out_proj", "o_proj", "fc2", "down_proj")  # row-parallel linears: stored as HF's [out, in]
+_ROW_WEIGHTS = tuple(f".{module}.weight" for module in _ROW_SPLIT)
+
+
 def expected_tensors(hf_model, num_vision_layers):
     """Our name -> float32 array: HF tensors renamed, unused ones dropped, Linear weights as [in, out]."""
     expected = {}
@@ -59,8 +63,8 @@ def expected_tensors(hf_model, num_vision_layers):
             ours = name
         if ours.endswith("patch_embedding.weight"):  # conv [Hv, 3, p, p] -> linear [3*p*p, Hv]
             array = array.reshape(array.shape[0], -1).T
-        elif array.ndim == 2 and "embed" not in ours:  # Linear [out, in] -> [in, out]
-            array = array.T
+        elif array.ndim == 2 and "embed" not in ours and not ours.endswith(_ROW_WEIGHTS):
+            array = array.T  # Linear [out, in] -> [in, out]; row-parallel linears keep [out, in]
         expected[ours] = np.ascontiguousarray(array)
     return expected
 
@@ -431,9 +435,9 @@ def test_wrong_model_is_refused(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------
 
 # Written out here, not taken from llava_sharding: column-parallel linears split their output axis (weights
-# are [in, out], so axis 1; biases axis 0), row-parallel ones their input axis 0 (bias kept whole).
+# are [in, out], so axis 1; biases axis 0), row-parallel ones their input axis (weights [out, in], so axis 1;
+# bias kept whole).
 _COLUMN_SPLIT = ("q_proj", "k_proj", "v_proj", "fc1", "gate_proj", "up_proj")
-_ROW_SPLIT = ("out_proj", "o_proj", "fc2", "down_proj")
 
 
 def expected_split_axis(name):
@@ -441,7 +445,7 @@ def expected_split_axis(name):
     if module in _COLUMN_SPLIT:
         return 1 if kind == "weight" else 0
     if module in _ROW_SPLIT and kind == "weight":
-        return 0
+        return 1
     return None
 
 
@@ -524,8 +528,8 @@ def test_cli_model_parallel(hf_models, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"wrote {tmp_path / 'shards'} (rank_0 .. rank_1/llava.ckpt):")
     expected = expected_tensors(hf_models["small"], our_config("small").vision_config.num_computed_layers)
     shards = [read_back(str(tmp_path / "shards" / f"rank_{k}" / "llava.ckpt")) for k in range(2)]
-    name = "language_model.layers.1.mlp.down_proj.weight"  # row-parallel: [in, out], split on axis 0
-    np.testing.assert_array_equal(np.concatenate([shards[0][name], shards[1][name]], axis=0), expected[name])
+    name = "language_model.layers.1.mlp.down_proj.weight"  # row-parallel: [out, in], split on axis 1
+    np.testing.assert_array_equal(np.concatenate([shards[0][name], shards[1][name]], axis=1), expected[name])
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two"])

@@ -16,7 +16,7 @@ import shapes_task
 from llava_checkpoint import checkpoint_layout, iter_checkpoint, load_checkpoint_into
 from llava_runtime import build_components, set_up_context
 from run_mindformer import load_config, parse_args, register_plugin
-from train_llava import AnswerLoss, ShapesBatcher, run_finetune, save_checkpoint
+from train_llava import AnswerLoss, ShapesBatcher, initialize_weights, run_finetune, save_checkpoint
 
 set_up_context("CPU", mode=1)
 
@@ -117,6 +117,19 @@ def test_training_forward_is_the_model_forward(components):
     ours = AnswerLoss(model, batcher.length).logits(Tensor(text_ids), Tensor(source), Tensor(arrays["pixel_values"]))
     reference = model(Tensor(arrays["input_ids"]), Tensor(arrays["pixel_values"]))
     np.testing.assert_allclose(ours.asnumpy(), reference.asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_weights_scale_with_the_input_size(components):
+    """fan_in init: U(-1/sqrt(in), 1/sqrt(in)) for linears stored [in, out] and [out, in] alike (the model is
+    built from the YAML, so its Linear is MindFormers' auto_register copy: the layout must be read from it)."""
+    _, model, _, _ = components
+    initialize_weights(model, "fan_in", seed=0)
+    params = dict(model.parameters_and_names())
+    for name, in_features in (("vision_tower.layers.0.mlp.fc1.weight", 96), ("vision_tower.layers.0.mlp.fc2.weight", 384),
+                              ("language_model.layers.0.mlp.up_proj.weight", 128),
+                              ("language_model.layers.0.mlp.down_proj.weight", 352)):
+        largest = np.abs(params[name].asnumpy()).max()
+        assert 0.95 / np.sqrt(in_features) < largest <= 1 / np.sqrt(in_features), name
 
 
 def test_saved_checkpoint_loads_back(components, tmp_path):

@@ -7,8 +7,9 @@ walk the file record by record: neither needs more than one tensor in memory, wh
 (14 GB of fp16) and a sharded load far below the machine's RAM. Files written here load with
 `mindspore.load_checkpoint` too.
 
-Linear weights are stored as [in_features, out_features] (the layout the CPU matmul reads fastest), the
-patch embedding as a linear map [channels*patch*patch, hidden].
+Linear weights are stored as [in_features, out_features], except the row-parallel ones (out_proj, fc2, o_proj,
+down_proj), which keep HF's [out_features, in_features]: whichever the CPU matmul reads fastest (see `Linear`
+in llava_model.py). The patch embedding is stored as a linear map [channels*patch*patch, hidden].
 """
 import os
 import tempfile
@@ -52,7 +53,7 @@ def checkpoint_layout(config):
             layout[f"{prefix}self_attn.{proj}.bias"] = (hidden_v,)
         layout[f"{prefix}mlp.fc1.weight"] = (hidden_v, inner_v)
         layout[f"{prefix}mlp.fc1.bias"] = (inner_v,)
-        layout[f"{prefix}mlp.fc2.weight"] = (inner_v, hidden_v)
+        layout[f"{prefix}mlp.fc2.weight"] = (hidden_v, inner_v)
         layout[f"{prefix}mlp.fc2.bias"] = (hidden_v,)
     layout.update({
         "projector.linear_1.weight": (hidden_v, hidden_t),
@@ -69,7 +70,7 @@ def checkpoint_layout(config):
             layout[f"{prefix}self_attn.{proj}.weight"] = (hidden_t, hidden_t)
         layout[f"{prefix}mlp.gate_proj.weight"] = (hidden_t, inner_t)
         layout[f"{prefix}mlp.up_proj.weight"] = (hidden_t, inner_t)
-        layout[f"{prefix}mlp.down_proj.weight"] = (inner_t, hidden_t)
+        layout[f"{prefix}mlp.down_proj.weight"] = (hidden_t, inner_t)
     layout["language_model.norm.weight"] = (hidden_t,)
     layout["lm_head.weight"] = (hidden_t, text.vocab_size)
     return layout

@@ -1,10 +1,10 @@
 """Tensor-parallel checkpoints: which axis of each parameter is split across model-parallel ranks, slicing a
 full checkpoint while it streams in, and the per-rank layout `DIR/rank_K/*.ckpt`.
 
-The split follows the model (see `Linear` in llava_model.py): weights are stored [in, out], so
-column-parallel linears (q/k/v, fc1, gate/up) split axis 1 and their biases axis 0; row-parallel linears
-(out_proj/o_proj, fc2, down) split axis 0 and keep their bias whole (it is added once, after the AllReduce);
-everything else is replicated.
+The split follows the model (see `Linear` in llava_model.py): column-parallel linears (q/k/v, fc1, gate/up)
+are stored [in, out] and split their outputs, axis 1, and their biases, axis 0; row-parallel linears
+(out_proj/o_proj, fc2, down) are stored [out, in] and split their inputs, axis 1, and keep their bias whole
+(it is added once, after the AllReduce); everything else is replicated.
 """
 import os
 import re
@@ -23,7 +23,7 @@ def split_axis(name):
     column = _COLUMN.search(name)
     if column:
         return 1 if column.group(2) == "weight" else 0
-    return 0 if _ROW.search(name) else None
+    return 1 if _ROW.search(name) else None
 
 
 def shard(name, array, rank, size):

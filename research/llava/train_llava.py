@@ -141,7 +141,7 @@ class AnswerLoss(nn.Cell):
 def initialize_weights(model, method, seed):
     """Fresh weights for training from scratch.
 
-    "fan_in" (PyTorch's defaults): every linear weight [in, out] ~ U(-1/sqrt(in), 1/sqrt(in)), token embeddings
+    "fan_in" (PyTorch's defaults): every linear weight ~ U(-1/sqrt(in), 1/sqrt(in)), token embeddings
     ~ N(0, 1); biases, norms, the class and position embeddings keep LlavaVlm's own initialization.
     "model": LlavaVlm's own N(0, 0.02) everywhere. That scale suits converted checkpoints, which overwrite it;
     in a model this narrow it leaves the residual branches almost silent: a ViT probe classifying the four
@@ -152,6 +152,8 @@ def initialize_weights(model, method, seed):
     if method != "fan_in":
         raise ValueError(f"trainer.init must be 'fan_in' or 'model', got {method!r}")
     rng = np.random.default_rng([seed, 1])
+    # Duck-typed: built through `auto_register:`, the model's Linear is MindFormers' copy of llava_model's.
+    stored_out_in = {f"{name}.weight" for name, cell in model.cells_and_names() if getattr(cell, "transposed", False)}
     for name, param in model.parameters_and_names():
         if name.endswith(RUNTIME_STATE_SUFFIXES) or len(param.shape) != 2:
             continue
@@ -159,10 +161,12 @@ def initialize_weights(model, method, seed):
             values = rng.standard_normal(param.shape)
         elif name.endswith("position_embedding.weight"):
             continue
-        else:
-            bound = 1.0 / np.sqrt(param.shape[0])
-            values = rng.uniform(-bound, bound, param.shape)
-        param.set_data(Tensor(values.astype(np.float32)).astype(param.dtype))
+        else:  # drawn as [in, out] whatever the storage, so a seed gives the same model in either layout
+            shape = tuple(reversed(param.shape)) if name in stored_out_in else param.shape
+            bound = 1.0 / np.sqrt(shape[0])
+            values = rng.uniform(-bound, bound, shape)
+            values = values.T if name in stored_out_in else values
+        param.set_data(Tensor(np.ascontiguousarray(values, np.float32)).astype(param.dtype))
 
 
 def decay_groups(model, weight_decay):
