@@ -18,8 +18,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def timed(command, **kwargs):
+    kwargs.setdefault("stdout", subprocess.PIPE)
     start = time.perf_counter()
-    result = subprocess.run(command, check=True, capture_output=True, text=True, **kwargs)
+    result = subprocess.run(command, check=True, stderr=subprocess.PIPE, text=True, **kwargs)
     return time.perf_counter() - start, result
 
 

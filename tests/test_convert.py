@@ -17,11 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mindspore as ms
+from mindspore.train.checkpoint_pb2 import Checkpoint
 
 import convert_weight
 from convert_weight import config_from_hf, convert_llava, main
 from hf_reference import TINY_CONFIGS, VOCAB_SIZE, make_hf_llava, save_hf_checkpoint
-from llava_checkpoint import CheckpointError, checkpoint_layout, iter_checkpoint
+import llava_checkpoint
+from llava_checkpoint import CheckpointError, CheckpointWriter, checkpoint_layout, iter_checkpoint
 from llava_config import LlavaConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -539,3 +541,40 @@ def test_cli_model_parallel_must_be_positive(tmp_path, capsys, value):
               "--model_parallel", value])
     assert exit_info.value.code == 2
     assert "--model_parallel: expected a positive integer" in capsys.readouterr().err
+
+
+def test_writer_records_are_protobufs_own_serialization(tmp_path, monkeypatch):
+    """The writer frames each record by hand and writes the tensor bytes straight from the array; the file
+    must be byte for byte what protobuf serializes, slices of an over-sized tensor included."""
+    monkeypatch.setattr(llava_checkpoint, "_SLICE_BYTES", 64)  # 16 float32 per record: forces several slices
+    tensors = [("vision_tower.embeddings.class_embedding", np.arange(40, dtype=np.float32)),
+               ("empty", np.zeros((0, 3), np.float16)), ("scalar", np.array(2.5, np.float32)),
+               ("matrix", np.random.default_rng(0).standard_normal((5, 7)).astype(np.float16))]
+    path = tmp_path / "x.ckpt"
+    with CheckpointWriter(str(path)) as writer:
+        for name, array in tensors:
+            writer.write(name, array)
+    expected = b""
+    for name, array in tensors:
+        flat = array.reshape(-1)
+        step = 64 // array.itemsize
+        for start in range(0, max(flat.size, 1), step):
+            record = Checkpoint()
+            value = record.value.add()
+            value.tag = name
+            value.tensor.dims.extend(array.shape)
+            value.tensor.tensor_type = {np.float32: "Float32", np.float16: "Float16"}[array.dtype.type]
+            value.tensor.tensor_content = flat[start:start + step].tobytes()
+            expected += record.SerializeToString()
+    assert path.read_bytes() == expected
+    for (name, array), (read_name, read) in zip(tensors, iter_checkpoint(str(path))):
+        assert name == read_name and np.array_equal(array, read)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (1, 1), (33, 513), (1000, 77), (4097, 31)])
+def test_transposed_copy_covers_every_tile_and_band(shape):
+    """Blocked, multi-threaded transpose: ragged tiles at the edges and bands that do not divide the rows."""
+    array = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    out = convert_weight.transposed_copy(array, np.float16)
+    assert out.flags.c_contiguous and out.shape == shape[::-1]
+    np.testing.assert_array_equal(out, array.T.astype(np.float16))

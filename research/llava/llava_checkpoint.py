@@ -100,6 +100,29 @@ def _bfloat16_bits_to_float(bits):
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def _length_delimited(field_number, length):
+    """Protobuf key (wire type 2) and length of a bytes/message field."""
+    return _encode_varint(field_number << 3 | 2) + _encode_varint(length)
+
+
+def _record_header(name, shape, type_name, content_bytes):
+    """The bytes of `Checkpoint{value{tag, tensor{dims, tensor_type, tensor_content}}}` up to the tensor's
+    content, which follows it verbatim: protobuf writes fields in number order and tensor_content is the last
+    one of the last field, so header + content is exactly what SerializeToString gives (a test checks it),
+    without building the content into a message (two copies of each tensor, a quarter of a 7B conversion)."""
+    value = Checkpoint().value.add()
+    value.tag = name
+    value.tensor.dims.extend(shape)
+    value.tensor.tensor_type = type_name
+    tensor_fields = value.tensor.SerializePartialToString()  # required tensor_content not set yet
+    content_key = _length_delimited(3, content_bytes)  # TensorProto.tensor_content = 3
+    value.ClearField("tensor")
+    value_fields = value.SerializePartialToString()  # the tag
+    tensor_length = len(tensor_fields) + len(content_key) + content_bytes
+    value_prefix = value_fields + _length_delimited(2, tensor_length) + tensor_fields + content_key  # Value.tensor = 2
+    return _length_delimited(1, len(value_prefix) + content_bytes) + value_prefix  # Checkpoint.value = 1
+
+
 class CheckpointWriter:
     """Appends tensors to a `.ckpt` one at a time; the file appears at `path` only when closed cleanly.
 
@@ -124,15 +147,11 @@ class CheckpointWriter:
         flat = content.reshape(-1)
         step = max(1, _SLICE_BYTES // max(1, flat.itemsize))
         for start in range(0, max(flat.size, 1), step):
-            record = Checkpoint()
-            value = record.value.add()
-            value.tag = name
-            value.tensor.dims.extend(array.shape)
-            value.tensor.tensor_type = type_name
-            value.tensor.tensor_content = flat[start:start + step].tobytes()
-            data = record.SerializeToString()
-            self._file.write(data)
-            self.bytes_written += len(data)
+            piece = flat[start:start + step]
+            header = _record_header(name, array.shape, type_name, piece.nbytes)
+            self._file.write(header)
+            self._file.write(memoryview(piece).cast("B"))
+            self.bytes_written += len(header) + piece.nbytes
 
     def close(self):
         self._file.flush()
