@@ -418,6 +418,12 @@ def merge_image_features(text_embeddings, image_features, source_index):
     return ops.gather(table, source_index, 0).reshape(batch, length, hidden)
 
 
+def projected_image_features(vision_tower, projector, pixel_values):
+    """pixel_values [N, C, S, S] -> projected features [N*F, Ht] float32, one row per `<image>` slot."""
+    features = projector(vision_tower(pixel_values)).astype(ms.float32)
+    return features.reshape(-1, features.shape[-1])
+
+
 class VisionStep(nn.Cell):
     def __init__(self, vision_tower, projector):
         super().__init__()
@@ -426,8 +432,7 @@ class VisionStep(nn.Cell):
 
     def run(self, pixel_values):
         """pixel_values [N, C, S, S] -> projected features [N*F, Ht] float32 (op by op)."""
-        features = self.projector(self.vision_tower(pixel_values)).astype(ms.float32)
-        return features.reshape(-1, features.shape[-1])
+        return projected_image_features(self.vision_tower, self.projector, pixel_values)
 
     @ms.jit
     def construct(self, pixel_values):
@@ -531,8 +536,7 @@ class LlavaVlm(GenerationLoop, PreTrainedModel):
 
     def image_features(self, pixel_values):
         """pixel_values [N, C, S, S] -> projected features [N*F, Ht] float32 (op by op; for training)."""
-        features = self.projector(self.vision_tower(pixel_values)).astype(ms.float32)
-        return features.reshape(-1, features.shape[-1])
+        return projected_image_features(self.vision_tower, self.projector, pixel_values)
 
     def plan_prompt(self, input_ids, pixel_values):
         """Host-side merge plan for prompts [B, S]: (text ids with `<image>` ids zeroed, source index [B*S]).
@@ -557,13 +561,18 @@ class LlavaVlm(GenerationLoop, PreTrainedModel):
         """Plain causal forward, op by op, no cache (training, reference): logits [B, S, V] float32."""
         text_ids, source = self.plan_prompt(input_ids, pixel_values)
         batch, length = text_ids.shape
-        hidden = self.language_model.embed(Tensor(text_ids))
-        if pixel_values is not None:
-            pixel_values = pixel_values if isinstance(pixel_values, Tensor) else Tensor(pixel_values, ms.float32)
-            hidden = merge_image_features(hidden, self.image_features(pixel_values), Tensor(source))
+        if pixel_values is not None and not isinstance(pixel_values, Tensor):
+            pixel_values = Tensor(pixel_values, ms.float32)
         positions = Tensor(np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)))
-        hidden = self.language_model(hidden, positions, causal_mask(length))
-        return self.lm_head(hidden).astype(ms.float32)
+        return self.planned_forward(Tensor(text_ids), Tensor(source), pixel_values, positions, causal_mask(length))
+
+    def planned_forward(self, text_ids, source, pixel_values, positions, mask):
+        """The forward after `plan_prompt` (compilable: no host work): text_ids, positions [B, S] int32, source
+        [B*S] int32, pixel_values [N, C, S_img, S_img] float32 or None, mask [1, 1, S, S] -> logits [B, S, V]."""
+        hidden = self.language_model.embed(text_ids)
+        if pixel_values is not None:
+            hidden = merge_image_features(hidden, self.image_features(pixel_values), source)
+        return self.lm_head(self.language_model(hidden, positions, mask)).astype(ms.float32)
 
     def prefill(self, input_ids, valid_length, pixel_values=None, use_cache=True):
         """Run right-padded prompts [B, S] once, compiled; logits of each row's last token [B, V].

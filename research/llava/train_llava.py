@@ -40,7 +40,7 @@ from mindspore import Tensor, nn, ops
 
 import shapes_task
 from llava_checkpoint import RUNTIME_STATE_SUFFIXES, CheckpointWriter, load_checkpoint_into
-from llava_model import causal_mask, merge_image_features
+from llava_model import causal_mask
 from llava_processor import build_prompt
 from llava_runtime import build_components, set_up_context
 
@@ -126,11 +126,8 @@ class AnswerLoss(nn.Cell):
     def logits(self, text_ids, source, pixel_values):
         """text_ids int32 [B, L] (`<image>` slots zeroed), source int32 [B*L] (from `LlavaVlm.plan_prompt`),
         pixel_values float32 [B, 3, S, S] -> logits float32 [B, L, V]."""
-        model = self.model
-        hidden = merge_image_features(model.language_model.embed(text_ids), model.image_features(pixel_values),
-                                      source)
         positions = ops.broadcast_to(self.positions, text_ids.shape)
-        return model.lm_head(model.language_model(hidden, positions, self.mask)).astype(ms.float32)
+        return self.model.planned_forward(text_ids, source, pixel_values, positions, self.mask)
 
     def construct(self, text_ids, source, pixel_values, labels, weights):
         log_probs = ops.log_softmax(self.logits(text_ids, source, pixel_values), -1)
