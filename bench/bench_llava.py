@@ -21,7 +21,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(REPO, "research", "llava"), REPO]
-REFERENCE = os.path.join(os.path.dirname(REPO), "shared", "reference", "llama2_tokenizer.model")
+REFERENCE = os.path.join(REPO, "tests", "data", "llama2_tokenizer.model")
 THREADS = 2
 NEW_TOKENS = 32
 QUESTION = "Describe the image in English, with the colours and the positions of every object you can see:"

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_KEYS = os.path.join(os.path.dirname(REPO), "shared", "reference", "hf_llava15_7b_keys.tsv")
+DEFAULT_KEYS = os.path.join(REPO, "tests", "data", "hf_llava15_7b_keys.tsv")
 BLOCK_VALUES = 1 << 20  # 2 MB of float16, repeated
 
 # The hub's config.json for llava-1.5-7b-hf: sparse text_config (transformers fills LLaMA-2-7B defaults).

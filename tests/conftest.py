@@ -4,7 +4,9 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = os.path.join(REPO, "research", "llava")
-REFERENCE_DIR = os.path.join(os.path.dirname(REPO), "shared", "reference")
+# Reference files kept in the repository (copied from the project's shared/reference): the LLaMA-2
+# tokenizer.model and the tensor list of llava-hf/llava-1.5-7b-hf.
+REFERENCE_DIR = os.path.join(REPO, "tests", "data")
 for path in (REPO, PLUGIN, os.path.join(REPO, "tests")):
     if path not in sys.path:
         sys.path.insert(0, path)

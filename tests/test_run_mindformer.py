@@ -23,8 +23,6 @@ YAML_7B = os.path.join(REPO, "research", "llava", "llava1_5_7B", "predict_llava1
 QUESTION = "What is shown in this image?"
 NEW_TOKENS = 20
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(TOKENIZER), reason=f"reference tokenizer absent: {TOKENIZER}")
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

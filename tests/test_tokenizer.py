@@ -14,16 +14,14 @@ import numpy as np
 import pytest
 
 # The plugin (MindSpore) must be imported before transformers touches protobuf.
+from conftest import REFERENCE_DIR
 from llava_tokenizer import LlavaTokenizer, check_vocab_fits
 from mindformers.models.build_tokenizer import build_tokenizer
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 import transformers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = os.path.join(os.path.dirname(REPO), "shared", "reference", "llama2_tokenizer.model")
-needs_vocab = pytest.mark.skipif(not os.path.isfile(VOCAB), reason=f"reference tokenizer {VOCAB} is absent")
-pytestmark = needs_vocab
+VOCAB = os.path.join(REFERENCE_DIR, "llama2_tokenizer.model")
 
 IMAGE_ID, PAD_ID, BOS_ID, EOS_ID = 32000, 32001, 1, 2
 ONE_TURN = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
