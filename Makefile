@@ -14,9 +14,9 @@ $(STAMP): requirements.txt requirements-test.txt
 
 setup: $(STAMP)
 
-# The bundled tiny LLaVA (research/llava/llava_tiny, trained on research/llava/shapes_task.py) answers
-# questions about the bundled demo image through the same command line as the 7B model.
-TINY := research/llava/llava_tiny
+# The bundled tiny LLaVA (demo/llava_tiny, trained on demo/shapes_task.py) answers questions about the
+# bundled demo image through the same command line as the 7B model.
+TINY := demo/llava_tiny
 
 demo: setup
 	$(PY) run_mindformer.py --config $(TINY)/predict_llava_tiny.yaml --register_path research/llava \
@@ -27,7 +27,7 @@ demo: setup
 # Rebuilds the tiny model from scratch: vocabulary and demo image (deterministic), then training on CPU
 # (seeded; about 16 minutes on 2 cores), writing $(TINY)/llava_tiny.ckpt.
 train-demo: setup
-	$(PY) research/llava/tiny_assets.py $(TINY)
+	$(PY) demo/tiny_assets.py $(TINY)
 	$(PY) run_mindformer.py --config $(TINY)/finetune_llava_tiny.yaml --register_path research/llava \
 		--run_mode finetune --options trainer.save_checkpoint=$(TINY)/llava_tiny.ckpt
 

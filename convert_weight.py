@@ -58,9 +58,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "research", "llava"))
-from llava_checkpoint import (CheckpointError, CheckpointWriter, check_complete,  # noqa: E402
-                              check_tensor, checkpoint_layout)
-from llava_sharding import RANK_DIR, shard, sharded_layout  # noqa: E402
+from llava_checkpoint import CheckpointError, CheckpointWriter, check_complete, check_tensor  # noqa: E402
+from llava_layout import (HF_TEXT_LAYER, checkpoint_layout, hf_vision_layer, our_name, shard,  # noqa: E402
+                          split_hf_name, stored_from_hf, stored_shape_from_hf)
+from llava_sharding import RANK_DIR, sharded_layout  # noqa: E402
 
 logger = logging.getLogger("convert_weight")
 
@@ -177,177 +178,24 @@ def find_safetensors(input_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Names: the three HF spellings -> one (part, local name), then -> our parameter name.
-# ---------------------------------------------------------------------------------------------------------
-
-# Most specific prefix first: `vision_tower.vision_model.` must win over `vision_tower.`.
-_PREFIXES = (
-    ("model.vision_tower.vision_model.", "vision"),  # transformers 4.5x in memory
-    ("vision_tower.vision_model.", "vision"),        # hub files
-    ("model.vision_tower.", "vision"),               # transformers v5 in memory
-    ("vision_tower.", "vision"),                     # transformers v5 save
-    ("model.multi_modal_projector.", "projector"),
-    ("multi_modal_projector.", "projector"),
-    ("model.language_model.", "text"),
-    ("language_model.model.", "text"),
-    ("language_model.lm_head.", "head"),
-    ("lm_head.", "head"),
-)
-_VISION_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
-_TEXT_LAYER = re.compile(r"layers\.(\d+)\.")
-
-# Linear weights we store [in, out] (transposed from HF's [out, in]); the row-parallel ones (o_proj, out_proj,
-# fc2, down_proj) keep HF's layout (see `Linear` in research/llava/llava_model.py).
-_LINEAR_SUFFIXES = tuple(f"{name}.weight" for name in (
-    "q_proj", "k_proj", "v_proj", "fc1", "gate_proj", "up_proj", "linear_1", "linear_2"))
-PATCH_EMBEDDING = "vision_tower.embeddings.patch_embedding.weight"
-
-
-def split_name(hf_name):
-    """(part, local name) of an HF tensor name in any spelling; part is None for unknown names."""
-    for prefix, part in _PREFIXES:
-        if hf_name.startswith(prefix):
-            return part, hf_name[len(prefix):]
-    return None, hf_name
-
-
-def our_name(part, local, num_vision_layers):
-    """Our parameter name for an HF tensor, or (None, reason) for a tensor LLaVA deliberately never uses.
-
-    Returns (name, None) or (None, reason). Names that map but that the model lacks are caught later by the
-    layout check, so they are reported as unexpected.
-    """
-    if local.endswith("inv_freq") or local.endswith("position_ids"):
-        return None, "buffer, recomputed at run time"
-    if part == "vision":
-        if local.startswith("post_layernorm."):
-            return None, "post_layernorm is never used by LLaVA"
-        if local.startswith("pre_layrnorm."):  # HF's spelling
-            return "vision_tower.pre_layernorm." + local[len("pre_layrnorm."):], None
-        layer = _VISION_LAYER.fullmatch(local)
-        if layer:
-            if int(layer.group(1)) >= num_vision_layers:
-                return None, f"vision layer {layer.group(1)} comes after vision_feature_layer"
-            return f"vision_tower.layers.{layer.group(1)}.{layer.group(2)}", None
-        return "vision_tower." + local, None
-    if part == "projector":
-        return "projector." + local, None
-    if part == "text":
-        return "language_model." + local, None
-    return "lm_head." + local, None  # part == "head"
-
-
-def transform_kind(name):
-    """How a tensor changes on the way: "linear" (transposed), "patch" (flattened, transposed) or "keep"."""
-    if name == PATCH_EMBEDDING:
-        return "patch"
-    if name == "lm_head.weight" or name.endswith(_LINEAR_SUFFIXES):
-        return "linear"
-    return "keep"
-
-
-def converted_shape(kind, shape):
-    """The shape `convert_array` gives a tensor of HF `shape`: lets headers be checked before any read."""
-    if kind == "linear":
-        return tuple(reversed(shape))
-    if kind == "patch":  # [hidden, channels, p, p] -> [channels*p*p, hidden]
-        return (math.prod(shape[1:]), shape[0]) if shape else shape
-    return tuple(shape)
-
-
-def convert_array(kind, array, dtype=None):
-    """The tensor in our layout, as a contiguous array of numpy `dtype` (None: the array's own dtype).
-
-    No copy is made when nothing changes.
-    """
-    dtype = dtype or array.dtype
-    if kind == "patch":  # flattening order (channel, row, col) matches the image patches' flattening
-        array = array.reshape(array.shape[0], -1)
-    if kind in ("linear", "patch"):
-        return transposed_copy(array, dtype)
-    return np.ascontiguousarray(array, dtype=dtype)
-
-
-# Tile of a blocked transpose: 32 source rows x 512 columns (32-64 KB) stay in the CPU caches while being
-# read along rows and written along columns. numpy's plain `ascontiguousarray(a.T)` strides through memory
-# element by element and is 2.5-3.5x slower on the 7B's matrices; transposing is most of the CPU time.
-_TILE_ROWS, _TILE_COLS = 32, 512
-
-
-# numpy releases the GIL while copying a tile, so bands of rows transpose in parallel threads (measured on a
-# [11008, 4096] fp16 matrix with 2 cores: 0.115 s in one thread, 0.065 s in two).
-_TRANSPOSE_WORKERS = min(4, os.cpu_count() or 1)
-_TRANSPOSE_THREADS = ThreadPoolExecutor(max_workers=_TRANSPOSE_WORKERS)
-
-
-def _transpose_band(array, out, first_row, end_row):
-    for row in range(first_row, end_row, _TILE_ROWS):
-        for col in range(0, array.shape[1], _TILE_COLS):
-            out[col:col + _TILE_COLS, row:row + _TILE_ROWS] = array[row:row + _TILE_ROWS, col:col + _TILE_COLS].T
-
-
-def transposed_copy(array, dtype):
-    """array.T as a new contiguous 2-D array of `dtype`, the cast done in the same pass."""
-    rows, cols = array.shape
-    out = np.empty((cols, rows), dtype=dtype)
-    band = max(1, -(-rows // (_TRANSPOSE_WORKERS * _TILE_ROWS))) * _TILE_ROWS
-    bands = [(start, min(start + band, rows)) for start in range(0, rows, band)]
-    list(_TRANSPOSE_THREADS.map(lambda bounds: _transpose_band(array, out, *bounds), bands))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The model config: from config.json, or inferred from the tensor shapes.
 # ---------------------------------------------------------------------------------------------------------
 
-_VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-                "patch_size", "num_channels", "layer_norm_eps", "hidden_act")
-_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "vocab_size", "rms_norm_eps", "rope_theta",
-              "bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def config_from_hf(hf):
-    """A LlavaConfig from the dict of an HF LLaVA config.json.
-
-    Only the keys that size or configure the model are taken; missing text keys get LlavaTextConfig's
-    defaults, which are the LLaMA-2-7B values transformers fills in for the hub's sparse text_config.
-    """
-    from llava_config import LlavaConfig
-    hf_vision, hf_text = hf.get("vision_config") or {}, hf.get("text_config") or {}
-    vision = {key: hf_vision[key] for key in _VISION_KEYS if key in hf_vision}
-    text = {key: hf_text[key] for key in _TEXT_KEYS if hf_text.get(key) is not None}
-    if "vocab_size" not in text and "vocab_size" in hf:  # older configs keep it at the top level
-        text["vocab_size"] = hf["vocab_size"]
-    feature_layer = hf.get("vision_feature_layer", -2)
-    if not isinstance(feature_layer, int):
-        raise CheckpointError(f"vision_feature_layer {feature_layer!r} (several layers) is not supported; "
-                              "LLaVA-1.5 uses a single layer")
-    vision["vision_feature_layer"] = feature_layer
-    vision["vision_feature_select_strategy"] = hf.get("vision_feature_select_strategy", "default")
-    image_token_id = hf.get("image_token_index", hf.get("image_token_id", 32000))
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
-                       projector_hidden_act=hf.get("projector_hidden_act", "gelu"))
-
-
 def config_from_shapes(shapes):
     """A LlavaConfig inferred from {(part, local name): HF shape}; see the module docstring for fallbacks."""
-    from llava_config import LlavaConfig
+    from llava_config import LlavaConfig  # imports mindformers: silenced by _import_config_module
 
     def dim(part, local, axis):
         shape = shapes.get((part, local))
         return shape[axis] if shape and len(shape) > axis else None
-
-    def layer_count(part, pattern):
-        found = {int(m.group(1)) for p, local in shapes if p == part for m in [pattern.match(local)] if m}
-        return max(found) + 1 if found else None
 
     vision = {
         "hidden_size": dim("vision", "embeddings.class_embedding", 0),
         "num_channels": dim("vision", "embeddings.patch_embedding.weight", 1),
         "patch_size": dim("vision", "embeddings.patch_embedding.weight", 2),
         "intermediate_size": dim("vision", "encoder.layers.0.mlp.fc1.weight", 0),
-        "num_hidden_layers": layer_count("vision", _VISION_LAYER),
+        "num_hidden_layers": max((layer + 1 for (part, local) in shapes if part == "vision"
+                                  for layer in [hf_vision_layer(local)] if layer is not None), default=None),
     }
     positions = dim("vision", "embeddings.position_embedding.weight", 0)
     if positions and vision["patch_size"]:
@@ -358,7 +206,8 @@ def config_from_shapes(shapes):
         "hidden_size": dim("text", "embed_tokens.weight", 1),
         "vocab_size": dim("text", "embed_tokens.weight", 0),
         "intermediate_size": dim("text", "layers.0.mlp.gate_proj.weight", 0),
-        "num_layers": layer_count("text", _TEXT_LAYER),
+        "num_layers": max((int(match.group(1)) + 1 for (part, local) in shapes if part == "text"
+                           for match in [HF_TEXT_LAYER.match(local)] if match), default=None),
     }
     if text["hidden_size"]:
         text["num_heads"] = max(1, text["hidden_size"] // 128)
@@ -368,6 +217,7 @@ def config_from_shapes(shapes):
 
 def load_config(input_path, shapes):
     """(LlavaConfig, where it came from) for the checkpoint at `input_path`."""
+    from llava_config import config_from_hf
     directory = input_path if os.path.isdir(input_path) else os.path.dirname(os.path.abspath(input_path))
     config_path = os.path.join(directory, "config.json")
     if os.path.isfile(config_path):
@@ -414,11 +264,10 @@ class ConversionSummary:
 
 @dataclass(frozen=True)
 class _Planned:
-    """One output tensor: its source, our name and how it is transformed."""
+    """One output tensor: our name and its source."""
 
     name: str
     source: SourceTensor
-    kind: str
 
 
 def plan_conversion(input_path):
@@ -430,7 +279,7 @@ def plan_conversion(input_path):
     sources = [tensor for path in files for tensor in read_safetensors_header(path)]
     split = {}
     for tensor in sources:
-        part, local = split_name(tensor.name)
+        part, local = split_hf_name(tensor.name)
         if part is None:
             raise CheckpointError(f"{os.path.basename(tensor.path)}: unexpected tensor {tensor.name!r}: "
                                   "not a LLaVA vision tower, projector or language model name")
@@ -451,9 +300,8 @@ def plan_conversion(input_path):
         if name in planned:
             raise CheckpointError(f"{where}: duplicate tensor, {planned[name].source.name!r} in "
                                   f"{os.path.basename(planned[name].source.path)} is also {name!r}")
-        kind = transform_kind(name)
-        check_tensor(name, converted_shape(kind, tensor.shape), layout, f"{where} converted")
-        planned[name] = _Planned(name, tensor, kind)
+        check_tensor(name, stored_shape_from_hf(name, tensor.shape), layout, f"{where} converted")
+        planned[name] = _Planned(name, tensor)
     check_complete(planned, layout, input_path)
     # Output in the model's own order: the same weights give the same file whatever the input's sharding.
     return [planned[name] for name in layout], config, config_source, skipped, files
@@ -516,7 +364,7 @@ def convert_llava(input_path, output_path, dtype=None, progress=True, model_para
                 # Read, convert, and let go of the source before writing: the writer makes two more copies
                 # (bytes, then the serialized record), so the peak is about three copies of the largest tensor.
                 array = read_tensor(streams[item.source.path], item.source)
-                array = convert_array(item.kind, array, _NUMPY_DTYPES[out_dtype])
+                array = stored_from_hf(item.name, array, _NUMPY_DTYPES[out_dtype])
                 for rank, writer in enumerate(writers):
                     writer.write(item.name, shard(item.name, array, rank, model_parallel), out_dtype)
                 del array

@@ -5,9 +5,10 @@
         --predict_data demo.jpeg 'Describe the image in English:' --modal_type image text \
         --load_checkpoint llava.ckpt --use_parallel False --auto_trans_ckpt False
 
-`--run_mode finetune` trains instead, as the YAML's training sections say (research/llava/train_llava.py):
+`--run_mode finetune` trains instead, with the trainer the YAML's `trainer:` section names (the bundled tiny
+model's is demo/train_llava.py):
 
-    python run_mindformer.py --config research/llava/llava_tiny/finetune_llava_tiny.yaml \
+    python run_mindformer.py --config demo/llava_tiny/finetune_llava_tiny.yaml \
         --register_path research/llava --run_mode finetune
 
 Classes come from the YAML's `type:` / `auto_register:` keys through MindFormers' registry. Each answer is
@@ -120,6 +121,27 @@ def predict_examples(predict_data, modal_type):
     return examples
 
 
+def build_trainer(config):
+    """The trainer the YAML's `trainer:` section names, through MindFormers' registry. Its `auto_register` may
+    name a module outside --register_path in MindFormers' `folder--module.Class` form; that folder is put on
+    sys.path so the module's own sibling imports resolve too."""
+    from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+    section = config.get("trainer") or {}
+    if not section.get("type"):
+        raise ValueError("--run_mode finetune needs a trainer: section with a type (e.g. ShapesTaskTrainer)")
+    reference = section.get("auto_register")
+    if reference:
+        if "--" in reference:
+            folder = os.path.realpath(reference.split("--", 1)[0])
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"trainer.auto_register {reference!r}: no folder {folder}")
+            sys.path.insert(0, folder)
+        MindFormerRegister.auto_register(reference, MindFormerModuleType.TRAINER)
+    trainer_class = MindFormerRegister.get_cls(MindFormerModuleType.TRAINER, section["type"])
+    return trainer_class(config)
+
+
 def set_up_parallel(config):
     """With --use_parallel: join the msrun job and check its size. Returns this process' rank."""
     parallel = config.get("parallel_config") or {}
@@ -143,12 +165,8 @@ def set_up_parallel(config):
 
 def parameter_counts(model):
     """(parameters this process holds, those under `language_model.layers.`), KV caches not counted."""
-    from llava_checkpoint import RUNTIME_STATE_SUFFIXES
-
     total = decoder = 0
-    for name, parameter in model.parameters_and_names():
-        if name.endswith(RUNTIME_STATE_SUFFIXES):
-            continue
+    for name, parameter in model.weights().items():
         total += parameter.size
         if name.startswith("language_model.layers."):
             decoder += parameter.size
@@ -163,6 +181,7 @@ def log_parameter_counts(model, log):
 
 
 def run_predict(config, examples, log):
+    from llava_generation import answer
     from llava_runtime import build_components, set_up_context
     from llava_sharding import load_model_weights
 
@@ -181,16 +200,12 @@ def run_predict(config, examples, log):
 
     batch_size = int(config.model.model_config.get("batch_size") or 1)
     results = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        inputs = processor([item["prompt"] for item in batch], [item["image"] for item in batch])
-        outputs = model.generate(inputs["input_ids"], pixel_values=inputs["pixel_values"], seed=config.get("seed"))
-        for item, prompt_ids, output in zip(batch, inputs["input_ids"], outputs):
-            generated = [int(token) for token in output[len(prompt_ids):]]
-            text = tokenizer.decode(generated, skip_special_tokens=True).strip()
-            results.append({"image": item["image"], "prompt": item["prompt"], "text": text, "token_ids": generated})
-            if rank == 0:
-                print(f"{item['prompt']}\n{text}\n", flush=True)
+    answers = answer(model, tokenizer, processor, [item["prompt"] for item in examples],
+                     [item["image"] for item in examples], batch_size, seed=config.get("seed"))
+    for item, result in zip(examples, answers):
+        results.append({"image": item["image"], "prompt": item["prompt"], **result})
+        if rank == 0:
+            print(f"{item['prompt']}\n{result['text']}\n", flush=True)
 
     if rank != 0:
         return results
@@ -215,8 +230,7 @@ def main(argv=None):
         config = load_config(args)
         run_mode = config.get("run_mode") or "predict"
         if run_mode == "finetune":
-            from train_llava import run_finetune
-            run_finetune(config, log=lambda message: print(message, flush=True))
+            build_trainer(config).train(log=lambda message: print(message, flush=True))
             return 0
         if run_mode != "predict":
             raise ValueError(f"run_mode {run_mode!r} is not supported; use predict or finetune")

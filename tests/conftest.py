@@ -4,10 +4,12 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = os.path.join(REPO, "research", "llava")
+DEMO = os.path.join(REPO, "demo")  # the bundled tiny model: its task, trainer and assets
+TINY = os.path.join(DEMO, "llava_tiny")
 # Reference files kept in the repository (copied from the project's shared/reference): the LLaMA-2
 # tokenizer.model and the tensor list of llava-hf/llava-1.5-7b-hf.
 REFERENCE_DIR = os.path.join(REPO, "tests", "data")
-for path in (REPO, PLUGIN, os.path.join(REPO, "tests")):
+for path in (REPO, PLUGIN, DEMO, os.path.join(REPO, "tests")):
     if path not in sys.path:
         sys.path.insert(0, path)
 os.environ.setdefault("GLOG_v", "3")

@@ -10,7 +10,7 @@ from mindformers.models.build_config import build_model_config
 from mindformers.tools.register import MindFormerConfig
 
 from conftest import PLUGIN, REFERENCE_DIR
-from llava_checkpoint import checkpoint_layout
+from llava_layout import checkpoint_layout
 from llava_config import LlavaConfig
 
 YAML_7B = os.path.join(PLUGIN, "llava1_5_7B", "predict_llava1_5_7b.yaml")

@@ -17,13 +17,12 @@ import shapes_task
 from llava_checkpoint import load_checkpoint_into
 from llava_runtime import build_components, set_up_context
 from run_mindformer import load_config, parse_args, register_plugin
-from train_llava import answer_questions, format_scores
+from conftest import PLUGIN, REPO, TINY
+from llava_generation import answer
+from train_llava import format_scores
 
 set_up_context("CPU", mode=1)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLUGIN = os.path.join(REPO, "research", "llava")
-TINY = os.path.join(PLUGIN, "llava_tiny")
 TEST_SEED = 20250101  # training streams use seed 1; these images were never seen
 NUM_IMAGES = 200
 TARGETS = {"color": 0.95, "shape": 0.95, "count": 0.90, "describe": 0.80}
@@ -42,7 +41,7 @@ def bundled():
 
 def ask(bundled, questions, images):
     model, tokenizer, processor = bundled
-    return answer_questions(model, tokenizer, processor, questions, images, batch_size=16)
+    return [result["text"] for result in answer(model, tokenizer, processor, questions, images, batch_size=16)]
 
 
 def test_accuracy_on_fresh_images(bundled):

@@ -11,7 +11,8 @@ import mindspore as ms
 
 from convert_weight import convert_llava
 from hf_reference import IMAGE_TOKEN_ID, make_hf_llava, save_hf_checkpoint
-from llava_checkpoint import checkpoint_layout, load_checkpoint_into
+from llava_checkpoint import load_checkpoint_into
+from llava_layout import checkpoint_layout
 from llava_config import LlavaConfig
 from llava_model import LlavaVlm
 from llava_runtime import set_up_context
@@ -78,8 +79,10 @@ def test_checkpoint_layout_is_the_model_parameters():
     for name in ("small", "wide"):
         config = llava_config_from_hf(make_hf_llava(name).config)
         model = LlavaVlm(config)
-        parameters = {n: tuple(p.shape) for n, p in model.parameters_and_names()}
+        parameters = {n: tuple(p.shape) for n, p in model.weights().items()}
         assert parameters == checkpoint_layout(config)
+        model.runner().reserve(2, 8)  # the KV cache is runtime state, not a weight
+        assert {n: tuple(p.shape) for n, p in model.weights().items()} == parameters
 
 
 def test_vision_layers_after_the_feature_layer_are_not_built():
@@ -98,8 +101,9 @@ def test_prefill_logits_match_hf(pair):
     assert np.abs(reference).max() > 0.5  # the weights are large enough for the comparison to mean something
     assert np.abs(ours - reference).max() < 1e-4
     # The cached prefill gives the same last-token logits as the plain forward.
-    model.allocate_kv_cache(1, len(ids) + 4)
-    last = model.prefill(np.array([ids], np.int32), np.array([len(ids)]), pixels).asnumpy()[0]
+    runner = model.runner()
+    runner.reserve(1, len(ids) + 4)
+    last = runner.prefill([ids], runner.image_features(pixels))[0]
     assert np.abs(last - reference[-1]).max() < 1e-4
 
 
@@ -111,8 +115,9 @@ def test_compiled_prefill_matches_hf(pair):
     pixels = random_image(rng, hf_model)
     model.config.compile_prefill = True
     try:
-        model.allocate_kv_cache(1, len(ids) + 4)
-        last = model.prefill(np.array([ids], np.int32), np.array([len(ids)]), pixels).asnumpy()[0]
+        runner = model.runner()
+        runner.reserve(1, len(ids) + 4)
+        last = runner.prefill([ids], runner.image_features(pixels))[0]
         assert np.abs(last - hf_logits(hf_model, ids, pixels)[-1]).max() < 1e-4
         assert model.generate([ids], pixel_values=pixels, max_new_tokens=8)[0][len(ids):] == \
             hf_greedy(hf_model, ids, pixels, 8)

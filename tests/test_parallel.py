@@ -19,8 +19,9 @@ import pytest
 
 from conftest import PLUGIN, REPO
 from convert_weight import convert_llava, load_config
-from llava_checkpoint import CheckpointError, checkpoint_layout, iter_checkpoint
-from llava_model import CLIPSelfAttention, LlamaAttention, TensorParallel
+from llava_checkpoint import CheckpointError, iter_checkpoint
+from llava_layout import checkpoint_layout
+from llava_model import FLOAT32, CLIPSelfAttention, LlamaAttention, TensorParallel
 from llava_sharding import load_model_weights, rank_checkpoint, sharded_layout
 from test_run_mindformer import QUESTION, hf_greedy_ids, setup  # noqa: F401  (setup: a fixture)
 
@@ -146,9 +147,9 @@ def test_model_parallel_not_dividing_the_heads(expected):
     with pytest.raises(ValueError, match="model_parallel=3 does not divide the 4 vision attention heads"):
         sharded_layout(config, 3)
     with pytest.raises(ValueError, match="model_parallel=3 does not divide the 4 text attention heads"):
-        LlamaAttention(config.text_config, compute_dtype=None, tensor_parallel=TensorParallel(3, 0))
+        LlamaAttention(config.text_config, FLOAT32, tensor_parallel=TensorParallel(3, 0))
     with pytest.raises(ValueError, match="model_parallel=3 does not divide the 4 vision attention heads"):
-        CLIPSelfAttention(config.vision_config, compute_dtype=None, tensor_parallel=TensorParallel(3, 0))
+        CLIPSelfAttention(config.vision_config, FLOAT32, tensor_parallel=TensorParallel(3, 0))
 
 
 class _RankOf:

@@ -12,8 +12,7 @@ import shapes_task
 import tiny_assets
 from llava_tokenizer import LlavaTokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "research", "llava", "llava_tiny")
+from conftest import TINY
 
 
 def test_same_seed_same_examples_and_pixels():

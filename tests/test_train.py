@@ -13,18 +13,18 @@ import mindspore as ms
 from mindspore import Tensor
 
 import shapes_task
-from llava_checkpoint import checkpoint_layout, iter_checkpoint, load_checkpoint_into
+from conftest import PLUGIN, REPO, TINY
+from llava_checkpoint import iter_checkpoint, load_checkpoint_into
+from llava_layout import checkpoint_layout
 from llava_runtime import build_components, set_up_context
 from run_mindformer import load_config, parse_args, register_plugin
 from train_llava import AnswerLoss, ShapesBatcher, initialize_weights, run_finetune, save_checkpoint
 
 set_up_context("CPU", mode=1)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLUGIN = os.path.join(REPO, "research", "llava")
-FINETUNE_YAML = os.path.join(PLUGIN, "llava_tiny", "finetune_llava_tiny.yaml")
-PREDICT_YAML = os.path.join(PLUGIN, "llava_tiny", "predict_llava_tiny.yaml")
-VOCAB = os.path.join(PLUGIN, "llava_tiny", "tokenizer.model")
+FINETUNE_YAML = os.path.join(TINY, "finetune_llava_tiny.yaml")
+PREDICT_YAML = os.path.join(TINY, "predict_llava_tiny.yaml")
+VOCAB = os.path.join(TINY, "tokenizer.model")
 STEP_LINE = re.compile(r"^step (\d+)/(\d+)\s+loss ([0-9.]+)\s+lr ([0-9.e+-]+)\s+elapsed (\d+)s", re.M)
 
 
@@ -113,8 +113,9 @@ def test_training_forward_is_the_model_forward(components):
     _, model, tokenizer, processor = components
     batcher = ShapesBatcher(tokenizer, processor)
     arrays = batcher(shapes_task.sample_examples(12, 4))
-    text_ids, source = model.plan_prompt(arrays["input_ids"], arrays["pixel_values"])
-    ours = AnswerLoss(model, batcher.length).logits(Tensor(text_ids), Tensor(source), Tensor(arrays["pixel_values"]))
+    text_ids, merge_index = model.merge_plan(arrays["input_ids"], len(arrays["pixel_values"]))
+    ours = AnswerLoss(model, batcher.length).logits(Tensor(text_ids), Tensor(merge_index),
+                                                     Tensor(arrays["pixel_values"]))
     reference = model(Tensor(arrays["input_ids"]), Tensor(arrays["pixel_values"]))
     np.testing.assert_allclose(ours.asnumpy(), reference.asnumpy(), rtol=1e-5, atol=1e-5)
 
@@ -123,7 +124,7 @@ def test_fresh_weights_scale_with_the_input_size(components):
     """fan_in init: U(-1/sqrt(in), 1/sqrt(in)) for linears stored [in, out] and [out, in] alike (the model is
     built from the YAML, so its Linear is MindFormers' auto_register copy: the layout must be read from it)."""
     _, model, _, _ = components
-    initialize_weights(model, "fan_in", seed=0)
+    initialize_weights(model, seed=0)
     params = dict(model.parameters_and_names())
     for name, in_features in (("vision_tower.layers.0.mlp.fc1.weight", 96), ("vision_tower.layers.0.mlp.fc2.weight", 384),
                               ("language_model.layers.0.mlp.up_proj.weight", 128),
@@ -195,11 +196,11 @@ def test_loss_and_gradients_match_huggingface(tmp_path):
     torch_loss.backward()
     torch_grads = {name: p.grad.numpy() for name, p in hf.named_parameters() if p.grad is not None}
 
-    text_ids, source = model.plan_prompt(ids, pixels)
+    text_ids, merge_index = model.merge_plan(ids, len(pixels))
     params = model.trainable_params()
     names = {id(p): name for name, p in model.parameters_and_names()}
     grad_fn = ms.jit(ms.value_and_grad(AnswerLoss(model, length), None, params))
-    loss, grads = grad_fn(Tensor(text_ids), Tensor(source), Tensor(pixels), Tensor(labels), Tensor(weights))
+    loss, grads = grad_fn(Tensor(text_ids), Tensor(merge_index), Tensor(pixels), Tensor(labels), Tensor(weights))
     np.testing.assert_allclose(float(loss.asnumpy()), float(torch_loss.detach()), rtol=1e-5)
     ours = {names[id(p)]: g.asnumpy() for p, g in zip(params, grads)}
     pairs = {"vision_tower.embeddings.patch_embedding.weight":

@@ -7,9 +7,7 @@ walk the file record by record: neither needs more than one tensor in memory, wh
 (14 GB of fp16) and a sharded load far below the machine's RAM. Files written here load with
 `mindspore.load_checkpoint` too.
 
-Linear weights are stored as [in_features, out_features], except the row-parallel ones (out_proj, fc2, o_proj,
-down_proj), which keep HF's [out_features, in_features]: whichever the CPU matmul reads fastest (see `Linear`
-in llava_model.py). The patch embedding is stored as a linear map [channels*patch*patch, hidden].
+What each tensor holds and in which order it is stored: llava_layout.py.
 """
 import os
 import tempfile
@@ -22,58 +20,6 @@ _SLICE_BYTES = 512 * 1024 * 1024
 _NUMPY_OF_CKPT_TYPE = {"Float16": np.float16, "Float32": np.float32, "Float64": np.float64, "Int8": np.int8,
                        "Int32": np.int32, "Int64": np.int64, "UInt8": np.uint8, "Bool": np.bool_}
 _CKPT_TYPE_OF_NUMPY = {np.dtype(v): k for k, v in _NUMPY_OF_CKPT_TYPE.items()}
-# Parameters that are runtime state, never stored.
-RUNTIME_STATE_SUFFIXES = ("key_cache", "value_cache")
-
-
-def checkpoint_layout(config):
-    """Name -> shape of every stored parameter of `LlavaVlm(config)`, derived from the config alone.
-
-    The converter checks HF tensors against it without building the model (a 7B model would not fit a
-    CPU host in float32); a test checks it equals the model's own parameters.
-    """
-    vision, text = config.vision_config, config.text_config
-    hidden_v, inner_v, hidden_t, inner_t = (vision.hidden_size, vision.intermediate_size,
-                                            text.hidden_size, text.intermediate_size)
-    patch_inputs = vision.num_channels * vision.patch_size ** 2
-    layout = {
-        "vision_tower.embeddings.class_embedding": (hidden_v,),
-        "vision_tower.embeddings.patch_embedding.weight": (patch_inputs, hidden_v),
-        "vision_tower.embeddings.position_embedding.weight": (vision.num_patches + 1, hidden_v),
-        "vision_tower.pre_layernorm.weight": (hidden_v,),
-        "vision_tower.pre_layernorm.bias": (hidden_v,),
-    }
-    for i in range(vision.num_computed_layers):
-        prefix = f"vision_tower.layers.{i}."
-        for norm in ("layer_norm1", "layer_norm2"):
-            layout[f"{prefix}{norm}.weight"] = (hidden_v,)
-            layout[f"{prefix}{norm}.bias"] = (hidden_v,)
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            layout[f"{prefix}self_attn.{proj}.weight"] = (hidden_v, hidden_v)
-            layout[f"{prefix}self_attn.{proj}.bias"] = (hidden_v,)
-        layout[f"{prefix}mlp.fc1.weight"] = (hidden_v, inner_v)
-        layout[f"{prefix}mlp.fc1.bias"] = (inner_v,)
-        layout[f"{prefix}mlp.fc2.weight"] = (hidden_v, inner_v)
-        layout[f"{prefix}mlp.fc2.bias"] = (hidden_v,)
-    layout.update({
-        "projector.linear_1.weight": (hidden_v, hidden_t),
-        "projector.linear_1.bias": (hidden_t,),
-        "projector.linear_2.weight": (hidden_t, hidden_t),
-        "projector.linear_2.bias": (hidden_t,),
-        "language_model.embed_tokens.weight": (text.vocab_size, hidden_t),
-    })
-    for i in range(text.num_layers):
-        prefix = f"language_model.layers.{i}."
-        layout[f"{prefix}input_layernorm.weight"] = (hidden_t,)
-        layout[f"{prefix}post_attention_layernorm.weight"] = (hidden_t,)
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            layout[f"{prefix}self_attn.{proj}.weight"] = (hidden_t, hidden_t)
-        layout[f"{prefix}mlp.gate_proj.weight"] = (hidden_t, inner_t)
-        layout[f"{prefix}mlp.up_proj.weight"] = (hidden_t, inner_t)
-        layout[f"{prefix}mlp.down_proj.weight"] = (hidden_t, inner_t)
-    layout["language_model.norm.weight"] = (hidden_t,)
-    layout["lm_head.weight"] = (hidden_t, text.vocab_size)
-    return layout
 
 
 class CheckpointError(ValueError):
@@ -296,8 +242,7 @@ def load_tensors_into(model, tensors, source):
     """
     import mindspore as ms  # pylint: disable=import-outside-toplevel
 
-    parameters = {name: param for name, param in model.parameters_and_names()
-                  if not name.endswith(RUNTIME_STATE_SUFFIXES)}
+    parameters = model.weights()
     layout = {name: tuple(param.shape) for name, param in parameters.items()}
     seen = set()
     for name, array in tensors:

@@ -172,3 +172,34 @@ class LlavaConfig(PretrainedConfig):
         output["vision_config"] = self.vision_config.to_dict()
         output["text_config"] = self.text_config.to_dict()
         return output
+
+
+# What of an HF LLaVA config.json sizes or configures the model; the rest (torch dtype, architectures, ...) is not
+# ours to read.
+_HF_VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                   "patch_size", "num_channels", "layer_norm_eps", "hidden_act")
+_HF_TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "rms_norm_eps", "rope_theta",
+                 "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def config_from_hf(hf, **settings):
+    """A LlavaConfig from the dict of an HF LLaVA config.json (`settings`: other LlavaConfig arguments).
+
+    Missing text keys get LlavaTextConfig's defaults, which are the LLaMA-2-7B values transformers fills in
+    for the hub's sparse text_config. Raises ValueError for what LLaVA-1.5 does not support.
+    """
+    hf_vision, hf_text = hf.get("vision_config") or {}, hf.get("text_config") or {}
+    vision = {key: hf_vision[key] for key in _HF_VISION_KEYS if key in hf_vision}
+    text = {key: hf_text[key] for key in _HF_TEXT_KEYS if hf_text.get(key) is not None}
+    if "vocab_size" not in text and "vocab_size" in hf:  # older configs keep it at the top level
+        text["vocab_size"] = hf["vocab_size"]
+    feature_layer = hf.get("vision_feature_layer", -2)
+    if not isinstance(feature_layer, int):
+        raise ValueError(f"vision_feature_layer {feature_layer!r} (several layers) is not supported; "
+                         "LLaVA-1.5 uses a single layer")
+    vision["vision_feature_layer"] = feature_layer
+    vision["vision_feature_select_strategy"] = hf.get("vision_feature_select_strategy", "default")
+    image_token_id = hf.get("image_token_index", hf.get("image_token_id", 32000))
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                       projector_hidden_act=hf.get("projector_hidden_act", "gelu"), **settings)

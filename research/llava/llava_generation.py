@@ -1,169 +1,217 @@
-"""Token generation for LlavaVlm: MindFormers' `generate(...)` signature, a lean prefill + decode loop.
+"""Token generation for LlavaVlm: MindFormers' `generate(...)` signature over a lean prefill + decode loop.
 
 MindFormers' own loop is built for its paged-attention models (block tables, slot mappings) and costs
-milliseconds per token on CPU before any model work; this one calls the model's `prefill` once and its
-`decode` once per token, and does the sampling arithmetic on the host on [B, V] logits.
+milliseconds per token on CPU before any model work; this one runs the prompts once (`ModelRunner.prefill`)
+and then one compiled decode step per token, and does the sampling arithmetic on the host on [B, V] logits.
 
 Logits processing follows HuggingFace's order so that results match it: repetition penalty, then
 temperature, top-k, top-p; greedy takes the first maximum.
 """
+import dataclasses
+from dataclasses import dataclass
+
 import numpy as np
 
 from mindformers.generation import GenerationConfig
 
-_SETTINGS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-             "eos_token_id", "pad_token_id")
+
+def _check(name, value, valid, expected):
+    if not valid(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
-def _resolve_settings(model_config, generation_config, kwargs):
-    """Model config < generation_config < keyword arguments, as in MindFormers and HF."""
-    settings = {
-        "max_new_tokens": model_config.max_new_tokens,
-        "max_length": model_config.max_decode_length,
-        "do_sample": model_config.do_sample,
-        "temperature": model_config.temperature,
-        "top_k": model_config.top_k,
-        "top_p": model_config.top_p,
-        "repetition_penalty": model_config.repetition_penalty,
-        "eos_token_id": model_config.eos_token_id,
-        "pad_token_id": model_config.pad_token_id,
-    }
-    if generation_config is not None:
-        values = generation_config.to_dict() if isinstance(generation_config, GenerationConfig) else generation_config
-        settings.update({key: values[key] for key in _SETTINGS if values.get(key) is not None})
-    settings.update({key: kwargs.pop(key) for key in _SETTINGS if kwargs.get(key) is not None})
-    eos = settings["eos_token_id"]
-    settings["eos_token_id"] = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    if settings["temperature"] <= 0:
-        raise ValueError(f"temperature must be > 0, got {settings['temperature']}")
-    if not 0 < settings["top_p"] <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {settings['top_p']}")
-    return settings
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _as_rows(input_ids, pad_token_id):
-    """Ragged list of prompts, or a right-padded [B, S] array -> list of 1-D int arrays."""
-    if isinstance(input_ids, np.ndarray) or (len(input_ids) and np.isscalar(input_ids[0])):
-        array = np.asarray(input_ids).reshape(-1, np.shape(input_ids)[-1])
-        rows = []
-        for row in array:
-            keep = np.nonzero(row != pad_token_id)[0]
-            rows.append(row[:keep[-1] + 1] if keep.size else row[:0])
-        return rows
-    return [np.asarray(row, np.int64).reshape(-1) for row in input_ids]
+def _is_number(value):
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
-def _right_padded(rows, pad_token_id):
-    """Ragged rows -> ([B, S] int32 padded with pad_token_id, lengths [B])."""
-    lengths = np.array([len(row) for row in rows], np.int32)
-    padded = np.full((len(rows), lengths.max()), pad_token_id, np.int32)
-    for target, row in zip(padded, rows):
-        target[:len(row)] = row
-    return padded, lengths
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to continue a prompt; the ranges are checked when the settings are made.
+
+    Resolved once (`resolve`) from the model config < a generation_config < keyword arguments, as in
+    MindFormers and HF. `max_new_tokens` wins over `max_length` (prompt plus generated tokens) when set.
+    """
+
+    max_new_tokens: int = None
+    max_length: int = 1024
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_id: tuple = (2,)
+    pad_token_id: int = 0
+
+    # The model config's names for these settings (the YAML's `model.model_config.*` keys).
+    MODEL_CONFIG_KEYS = {"max_new_tokens": "max_new_tokens", "max_length": "max_decode_length",
+                         "do_sample": "do_sample", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                         "repetition_penalty": "repetition_penalty", "eos_token_id": "eos_token_id",
+                         "pad_token_id": "pad_token_id"}
+
+    def __post_init__(self):
+        eos = self.eos_token_id
+        object.__setattr__(self, "eos_token_id", tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
+        _check("max_new_tokens", self.max_new_tokens, lambda v: v is None or (_is_int(v) and v >= 0),
+               "an integer >= 0 (or null: up to max_length)")
+        _check("max_length", self.max_length, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        _check("do_sample", self.do_sample, lambda v: isinstance(v, bool), "true or false")
+        _check("temperature", self.temperature, lambda v: _is_number(v) and v > 0, "a number > 0")
+        _check("top_k", self.top_k, lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)")
+        _check("top_p", self.top_p, lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+        _check("repetition_penalty", self.repetition_penalty, lambda v: _is_number(v) and v > 0,
+               "a number > 0 (1: off)")
+        _check("eos_token_id", self.eos_token_id, lambda v: all(_is_int(t) for t in v), "a token id or a list of ids")
+        _check("pad_token_id", self.pad_token_id, _is_int, "a token id")
+
+    @classmethod
+    def resolve(cls, model_config, generation_config=None, **overrides):
+        """Settings from the model config, then `generation_config` (MindFormers GenerationConfig or dict), then
+        `overrides`; None values do not override. Unknown overrides are a TypeError."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"generate() got unexpected arguments: {unknown}")
+        values = {name: getattr(model_config, key) for name, key in cls.MODEL_CONFIG_KEYS.items()}
+        if generation_config is not None:
+            given = generation_config.to_dict() if isinstance(generation_config, GenerationConfig) else generation_config
+            values.update({name: given[name] for name in names if given.get(name) is not None})
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**values)
+
+    def new_tokens(self, longest_prompt, context):
+        """How many tokens to generate after prompts of up to `longest_prompt` tokens in a `context`-token window."""
+        if longest_prompt + 1 > context:
+            raise ValueError(f"a prompt of {longest_prompt} tokens is longer than the context seq_length={context} "
+                             "allows")
+        wanted = self.max_new_tokens if self.max_new_tokens is not None else self.max_length - longest_prompt
+        return max(0, min(wanted, context - longest_prompt))
 
 
-def apply_repetition_penalty(logits, history, penalty):
-    """HF's rule on [B, V] logits: a seen token's logit is divided by `penalty` if > 0, else multiplied."""
-    if penalty == 1.0:
-        return logits
-    for row, seen in zip(logits, history):
-        tokens = np.unique(seen)
-        values = row[tokens]
-        row[tokens] = np.where(values > 0, values / penalty, values * penalty)
+def penalize_repetition(logits, history, penalty):
+    """HF's rule on one row's logits [V] (in place): a seen token's logit is divided by `penalty` if > 0, else
+    multiplied."""
+    if penalty != 1.0:
+        tokens = np.unique(history)
+        values = logits[tokens]
+        logits[tokens] = np.where(values > 0, values / penalty, values * penalty)
     return logits
 
 
-def sample_next(logits, settings, rng):
-    """[B, V] float32 logits (already penalised) -> next token ids [B]."""
-    if not settings["do_sample"]:
-        return logits.argmax(-1)
-    logits = logits / settings["temperature"]
-    top_k = settings["top_k"]
-    if top_k and top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
+def sample(logits, settings, rng):
+    """One row's next token from its logits [V] float32 (already penalised)."""
+    if not settings.do_sample:
+        return int(logits.argmax())
+    logits = logits / settings.temperature
+    if settings.top_k and settings.top_k < logits.shape[-1]:
+        kth = np.partition(logits, -settings.top_k)[-settings.top_k]
         logits = np.where(logits < kth, -np.inf, logits)
-    if settings["top_p"] < 1.0:
-        order = np.argsort(-logits, axis=-1, kind="stable")
-        sorted_logits = np.take_along_axis(logits, order, -1)
-        probs = np.exp(sorted_logits - sorted_logits[:, :1])
-        probs /= probs.sum(-1, keepdims=True)
+    if settings.top_p < 1.0:
+        order = np.argsort(-logits, kind="stable")
+        probs = np.exp(logits[order] - logits[order[0]])
+        probs /= probs.sum()
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop_sorted = np.cumsum(probs, -1) - probs >= settings["top_p"]
-        drop = np.zeros_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, -1)
+        drop = np.zeros(logits.shape, bool)
+        drop[order] = np.cumsum(probs) - probs >= settings.top_p
         logits = np.where(drop, -np.inf, logits)
-    probs = np.exp((logits - logits.max(-1, keepdims=True)).astype(np.float64))
-    probs /= probs.sum(-1, keepdims=True)
-    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
+    probs = np.exp((logits - logits.max()).astype(np.float64))
+    return int(rng.choice(probs.size, p=probs / probs.sum()))
 
 
-class GenerationLoop:
-    """Mixin for a model with `prefill`, `decode`, `allocate_kv_cache` and a LlavaConfig `config`;
-    listed before MindFormers' PreTrainedModel so this `generate` is the one used."""
+def row_rng(seed, row):
+    """The sampler of prompt `row` of a call seeded with `seed`: the same seed and row give the same tokens."""
+    return np.random.default_rng(None if seed is None else [seed, row])
+
+
+def prompt_rows(input_ids, pad_token_id):
+    """Ragged list of prompts, or a right-padded [B, S] array -> list of lists of ids."""
+    if isinstance(input_ids, np.ndarray) or (len(input_ids) and np.isscalar(input_ids[0])):
+        rows = []
+        for row in np.asarray(input_ids).reshape(-1, np.shape(input_ids)[-1]):
+            keep = np.nonzero(row != pad_token_id)[0]
+            rows.append(row[:keep[-1] + 1].tolist() if keep.size else [])
+        return rows
+    return [np.asarray(row, np.int64).reshape(-1).tolist() for row in input_ids]
+
+
+class LlavaGenerationMixin:
+    """`generate` for LlavaVlm; listed before MindFormers' PreTrainedModel so this `generate` is the one used."""
+
+    def runner(self):
+        """The model's ModelRunner (compiled steps and their KV cache), made on first use."""
+        if "_runner" not in self.__dict__:
+            from llava_steps import ModelRunner  # pylint: disable=import-outside-toplevel
+            self.__dict__["_runner"] = ModelRunner(self)  # outside the Cell tree: its steps share our cells
+        return self.__dict__["_runner"]
 
     def generate(self, input_ids, generation_config=None, logits_processor=None, streamer=None, seed=None,
-                 **kwargs):
+                 pixel_values=None, **kwargs):
         """Generate continuations of a batch of prompts.
 
         Args:
             input_ids: list of token-id lists (ragged), or a right-padded [B, S] array (pad_token_id).
-            generation_config: a MindFormers `GenerationConfig` or dict; keyword arguments override it
-                (`max_new_tokens`, `max_length`, `do_sample`, `temperature`, `top_k`, `top_p`,
-                `repetition_penalty`, `eos_token_id`, `pad_token_id`).
-            logits_processor: callables `(token_history [B] of arrays, logits [B, V]) -> logits`, applied
-                after the repetition penalty.
-            streamer: an object with `put(ids)` / `end()` (MindFormers' TextStreamer), fed each new step.
-            seed: seeds the sampler; the same seed gives the same tokens.
+            generation_config: a MindFormers `GenerationConfig` or dict; keyword arguments override it (the
+                fields of GenerationSettings: `max_new_tokens`, `max_length`, `do_sample`, `temperature`,
+                `top_k`, `top_p`, `repetition_penalty`, `eos_token_id`, `pad_token_id`).
+            logits_processor: callables `(histories [B] of lists, logits [B, V]) -> logits`, applied after the
+                repetition penalty.
+            streamer: an object with `put(ids)` / `end()` (MindFormers' TextStreamer), fed each step's tokens.
+            seed: seeds sampling; the same seed gives the same tokens.
             pixel_values: float32 [N, 3, S, S], the images of the `<image>` tokens in reading order.
 
         Returns:
             list of B lists: each prompt followed by its generated ids (EOS included when reached).
         """
-        pixel_values = kwargs.pop("pixel_values", kwargs.pop("images", None))
-        settings = _resolve_settings(self.config, generation_config, kwargs)
-        if kwargs:
-            raise TypeError(f"generate() got unexpected arguments: {sorted(kwargs)}")
-        prompts = _as_rows(input_ids, settings["pad_token_id"])
-        lengths = np.array([len(row) for row in prompts], np.int32)
-        if lengths.min() < 1:
+        settings = GenerationSettings.resolve(self.config, generation_config, **kwargs)
+        history = prompt_rows(input_ids, settings.pad_token_id)
+        if min(map(len, history)) < 1:
             raise ValueError("every prompt needs at least one token")
-        longest = int(lengths.max())
-        max_new = settings["max_new_tokens"]
-        if max_new is None:
-            max_new = settings["max_length"] - longest
-        if longest + 1 > self.config.seq_length:
-            raise ValueError(f"a prompt of {longest} tokens is longer than the context "
-                             f"seq_length={self.config.seq_length} allows")
-        max_new = max(0, min(max_new, self.config.seq_length - longest))
-        rng = np.random.default_rng(seed)
-
+        lengths = np.array([len(row) for row in history], np.int32)
+        max_new = settings.new_tokens(int(lengths.max()), self.config.seq_length)
         use_cache = self.config.use_past
+        runner = self.runner()
         self.set_train(False)
         if use_cache:
-            self.allocate_kv_cache(len(prompts), longest + max_new)
-        history = [list(prompt) for prompt in prompts]
-        finished = np.zeros(len(prompts), bool)
-        positions = lengths.copy()
-        pad = settings["pad_token_id"]
-        logits = self.prefill(*_right_padded(history, pad), pixel_values, use_cache) if max_new else None
+            runner.reserve(len(history), int(lengths.max()) + max_new)
+        features = None if pixel_values is None else runner.image_features(pixel_values)
+        rngs = [row_rng(seed, row) for row in range(len(history))]
+        finished = np.zeros(len(history), bool)
+        logits = runner.prefill(history, features, use_cache=use_cache) if max_new else None
         for step in range(max_new):
-            scores = apply_repetition_penalty(logits.asnumpy().copy(), history, settings["repetition_penalty"])
+            scores = np.stack([penalize_repetition(row.copy(), seen, settings.repetition_penalty)
+                               for row, seen in zip(logits, history)])
             for processor in logits_processor or ():
                 scores = processor(history, scores)
-            tokens = sample_next(scores, settings, rng)
-            tokens = np.where(finished, settings["pad_token_id"], tokens)
+            tokens = np.array([settings.pad_token_id if done else sample(row, settings, rng)
+                               for row, done, rng in zip(scores, finished, rngs)])
             for row in np.nonzero(~finished)[0]:
                 history[row].append(int(tokens[row]))
             if streamer is not None:
                 streamer.put(tokens)
-            finished |= np.isin(tokens, list(settings["eos_token_id"]))
+            finished |= np.isin(tokens, settings.eos_token_id)
             if finished.all() or step == max_new - 1:
                 break
             if use_cache:
-                logits = self.decode(tokens, positions)
-                positions = positions + 1
+                logits = runner.decode(tokens, lengths + step)
             else:  # use_past off: every step runs the whole sequence again (the reference path)
-                logits = self.prefill(*_right_padded(history, pad), pixel_values, use_cache)
+                logits = runner.prefill(history, features, use_cache=False)
         if streamer is not None:
             streamer.end()
         return history
+
+
+def answer(model, tokenizer, processor, questions, images, batch_size=1, seed=None, **settings):
+    """Answer each (question, image) pair: processor -> generate -> decode, `batch_size` pairs at a time.
+
+    Yields, in order, {"text": the answer (special tokens dropped, stripped), "token_ids": the generated ids}
+    as each batch finishes, so a caller can keep what is done before a later pair fails.
+    """
+    for start in range(0, len(questions), batch_size):
+        inputs = processor(list(questions[start:start + batch_size]), list(images[start:start + batch_size]))
+        outputs = model.generate(inputs["input_ids"], pixel_values=inputs["pixel_values"], seed=seed, **settings)
+        for prompt_ids, output in zip(inputs["input_ids"], outputs):
+            generated = [int(token) for token in output[len(prompt_ids):]]
+            yield {"text": tokenizer.decode(generated, skip_special_tokens=True).strip(), "token_ids": generated}

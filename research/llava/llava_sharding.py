@@ -1,40 +1,14 @@
-"""Tensor-parallel checkpoints: which axis of each parameter is split across model-parallel ranks, slicing a
-full checkpoint while it streams in, and the per-rank layout `DIR/rank_K/*.ckpt`.
-
-The split follows the model (see `Linear` in llava_model.py): column-parallel linears (q/k/v, fc1, gate/up)
-are stored [in, out] and split their outputs, axis 1, and their biases, axis 0; row-parallel linears
-(out_proj/o_proj, fc2, down) are stored [out, in] and split their inputs, axis 1, and keep their bias whole
-(it is added once, after the AllReduce); everything else is replicated.
+"""Tensor-parallel checkpoints: slicing a full checkpoint while it streams in, and the per-rank layout
+`DIR/rank_K/*.ckpt`. Which axis of each parameter is split across ranks is llava_layout.py's.
 """
 import os
 import re
 
-from llava_checkpoint import (CheckpointError, CheckpointWriter, check_complete, check_tensor,
-                              checkpoint_layout, iter_checkpoint, load_checkpoint_into, load_tensors_into,
-                              resolve_checkpoint_file)
+from llava_checkpoint import (CheckpointError, CheckpointWriter, check_complete, check_tensor, iter_checkpoint,
+                              load_checkpoint_into, load_tensors_into, resolve_checkpoint_file)
+from llava_layout import checkpoint_layout, shard, shard_shape
 
-_COLUMN = re.compile(r"\.(q_proj|k_proj|v_proj|fc1|gate_proj|up_proj)\.(weight|bias)$")
-_ROW = re.compile(r"\.(out_proj|o_proj|fc2|down_proj)\.weight$")
 RANK_DIR = "rank_{}"
-
-
-def split_axis(name):
-    """The axis of parameter `name` split across ranks, or None when every rank holds all of it."""
-    column = _COLUMN.search(name)
-    if column:
-        return 1 if column.group(2) == "weight" else 0
-    return 1 if _ROW.search(name) else None
-
-
-def shard(name, array, rank, size):
-    """Rank `rank`'s slice of the full tensor `array` (a view; the tensor itself when replicated)."""
-    axis = split_axis(name)
-    if axis is None or size == 1:
-        return array
-    length = array.shape[axis] // size
-    index = [slice(None)] * array.ndim
-    index[axis] = slice(rank * length, (rank + 1) * length)
-    return array[tuple(index)]
 
 
 def check_heads_divisible(config, size):
@@ -54,16 +28,7 @@ def sharded_layout(config, size, check_heads=True):
     """
     if check_heads and size > 1:
         check_heads_divisible(config, size)
-    layout = {}
-    for name, shape in checkpoint_layout(config).items():
-        axis = split_axis(name)
-        if axis is not None and size > 1:
-            if shape[axis] % size:
-                raise ValueError(f"model_parallel={size} does not divide dimension {axis} ({shape[axis]}) "
-                                 f"of {name!r}")
-            shape = shape[:axis] + (shape[axis] // size,) + shape[axis + 1:]
-        layout[name] = tuple(shape)
-    return layout
+    return {name: shard_shape(name, shape, size) for name, shape in checkpoint_layout(config).items()}
 
 
 def is_sharded_directory(path):
@@ -90,24 +55,6 @@ def iter_rank_tensors(full_checkpoint, full_layout, rank, size):
         seen.add(name)
         yield name, shard(name, array, rank, size)
     check_complete(seen, full_layout, full_checkpoint)
-
-
-def write_shards(full_checkpoint, config, output_directory, size, name="llava.ckpt", ranks=None, dtype=None):
-    """Write `output_directory/rank_K/name` for each rank in `ranks` (all by default), streaming the input once."""
-    ranks = list(range(size)) if ranks is None else list(ranks)
-    sharded_layout(config, size)  # refuses a size that does not divide the split dimensions, before writing
-    writers = {rank: CheckpointWriter(os.path.join(output_directory, RANK_DIR.format(rank), name)) for rank in ranks}
-    try:
-        for tensor_name, array in iter_rank_tensors(full_checkpoint, checkpoint_layout(config), 0, 1):
-            for rank, writer in writers.items():
-                writer.write(tensor_name, shard(tensor_name, array, rank, size), dtype)
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    for writer in writers.values():
-        writer.close()
-    return [writers[rank].path for rank in ranks]
 
 
 def load_model_weights(model, path, auto_trans_ckpt=False, save_shards_to=None):

@@ -1,9 +1,12 @@
-"""Training LlavaVlm on the synthetic shapes task (research/llava/shapes_task.py) with MindSpore, on CPU.
+"""Training LlavaVlm on the synthetic shapes task (demo/shapes_task.py) with MindSpore, on CPU.
 
-    python run_mindformer.py --config research/llava/llava_tiny/finetune_llava_tiny.yaml \\
+    python run_mindformer.py --config demo/llava_tiny/finetune_llava_tiny.yaml \\
         --register_path research/llava --run_mode finetune
 
-(`make train-demo` runs that and writes the bundled checkpoint.) What the YAML decides:
+(`make train-demo` runs that and writes the bundled checkpoint.) The YAML's `trainer:` names
+`ShapesTaskTrainer` and its `train_dataset:` `ShapesTaskDataset`, both registered here with MindFormers'
+registry (`auto_register: demo--train_llava.<Class>`, MindFormers' form for a module outside --register_path).
+What the YAML decides:
 
 * the model: `model:`, built through MindFormers' registry exactly as `run_mindformer.py --run_mode predict`
   builds it; the tokenizer and processor: `train_dataset.processor` (the same as the predict YAML's
@@ -13,19 +16,20 @@
   steps, the most shapes per picture and the question mix), generated on the fly, a fresh image per example;
 * `runner_config:` (epochs, batch size), `optimizer:` (MindFormers `AdamW`; weight decay on matrices only),
   `lr_schedule:` (MindFormers `CosineWithWarmUpLR`; `total_steps: -1` = all steps), `seed:` (initial weights
-  and the whole run), `trainer:` (initialization, compiled step, progress interval, gradient clipping, the
-  held-out check after training, and where and in which dtype the `.ckpt` is written, with
-  `CheckpointWriter` so that `load_checkpoint_into` and `run_mindformer.py --load_checkpoint` read it).
+  and the whole run), `trainer:` (progress interval, gradient clipping, the held-out check after training,
+  and where and in which dtype the `.ckpt` is written, with `CheckpointWriter` so that
+  `load_checkpoint_into` and `run_mindformer.py --load_checkpoint` read it).
 
 Each example is the single-turn prompt `USER: <image>\n{question} ASSISTANT:` followed by ` {answer}</s>`; the
 loss is the mean cross-entropy over the answer tokens and that EOS only. The training forward (`AnswerLoss`)
 is `LlavaVlm.construct` in a form that compiles: the `<image>` slots are planned on the host with
-`LlavaVlm.plan_prompt` and merged with the same gather (tests check both give the same logits, and that loss
-and gradients equal HuggingFace's LLaVA in torch on converted weights).
+`LlavaVlm.merge_plan` and the rest is `LlavaVlm.forward_merged` (tests check both give the same logits, and
+that loss and gradients equal HuggingFace's LLaVA in torch on converted weights). The whole step (forward,
+backward, clipping, update) is compiled as one graph.
 
 What it took to make a model this small learn to see (measured on the shapes task): PyTorch-scale initial
 weights (LlavaVlm's N(0, 0.02), meant to be overwritten by converted checkpoints, left the ViT unable to learn
-shapes at all), a learning rate of 3e-4 (at 1e-3 the decoder learns colours and counts fast, and the ViT,
+shapes at all: a ViT probe classifying the four shapes stayed at loss ln 4 for 300 steps with it), a learning rate of 3e-4 (at 1e-3 the decoder learns colours and counts fast, and the ViT,
 which learns only through the decoder, never learns shapes), and a first stage of single shapes described
 ("A red circle."), which teaches the ViT the four shapes before the decoder has to bind shapes to colours
 and order them left to right.
@@ -38,14 +42,18 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
 import shapes_task
-from llava_checkpoint import RUNTIME_STATE_SUFFIXES, CheckpointWriter, load_checkpoint_into
+from llava_checkpoint import CheckpointWriter, load_checkpoint_into
+from llava_generation import answer
+from llava_layout import linear_kind
 from llava_model import causal_mask
 from llava_processor import build_prompt
 from llava_runtime import build_components, set_up_context
 
-__all__ = ["ShapesBatcher", "AnswerLoss", "build_optimizer", "save_checkpoint",
-           "answer_questions", "evaluate", "run_finetune"]
+__all__ = ["ShapesBatcher", "ShapesTaskDataset", "AnswerLoss", "build_optimizer", "save_checkpoint", "evaluate",
+           "run_finetune", "ShapesTaskTrainer"]
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -114,7 +122,7 @@ class ShapesBatcher:
 # ----------------------------------------------------------------------------------------------- loss, step
 
 class AnswerLoss(nn.Cell):
-    """LlavaVlm's forward in compilable form (the host computes `plan_prompt`, the graph the rest) and the mean
+    """LlavaVlm's forward in compilable form (the host computes `merge_plan`, the graph the rest) and the mean
     cross-entropy over the weighted positions."""
 
     def __init__(self, model, length):
@@ -123,53 +131,40 @@ class AnswerLoss(nn.Cell):
         self.mask = causal_mask(length)
         self.positions = Tensor(np.arange(length, dtype=np.int32)[None])
 
-    def logits(self, text_ids, source, pixel_values):
-        """text_ids int32 [B, L] (`<image>` slots zeroed), source int32 [B*L] (from `LlavaVlm.plan_prompt`),
-        pixel_values float32 [B, 3, S, S] -> logits float32 [B, L, V]."""
+    def logits(self, text_ids, merge_index, pixel_values):
+        """text_ids int32 [B, L] and merge_index int32 [B*L] (from `LlavaVlm.merge_plan`), pixel_values float32
+        [B, 3, S, S] -> logits float32 [B, L, V]."""
         positions = ops.broadcast_to(self.positions, text_ids.shape)
-        return self.model.planned_forward(text_ids, source, pixel_values, positions, self.mask)
+        return self.model.forward_merged(text_ids, merge_index, pixel_values, positions, self.mask)
 
-    def construct(self, text_ids, source, pixel_values, labels, weights):
-        log_probs = ops.log_softmax(self.logits(text_ids, source, pixel_values), -1)
+    def construct(self, text_ids, merge_index, pixel_values, labels, weights):
+        log_probs = ops.log_softmax(self.logits(text_ids, merge_index, pixel_values), -1)
         picked = ops.gather_elements(log_probs, -1, labels.expand_dims(-1)).squeeze(-1)
         return -(picked * weights).sum() / ops.maximum(weights.sum(), 1.0)
 
 
-def initialize_weights(model, method, seed):
-    """Fresh weights for training from scratch.
-
-    "fan_in" (PyTorch's defaults): every linear weight ~ U(-1/sqrt(in), 1/sqrt(in)), token embeddings
-    ~ N(0, 1); biases, norms, the class and position embeddings keep LlavaVlm's own initialization.
-    "model": LlavaVlm's own N(0, 0.02) everywhere. That scale suits converted checkpoints, which overwrite it;
-    in a model this narrow it leaves the residual branches almost silent: a ViT probe classifying the four
-    shapes stayed at loss ln 4 for 300 steps with it, and fell to 0.1 with "fan_in".
-    """
-    if method == "model":
-        return
-    if method != "fan_in":
-        raise ValueError(f"trainer.init must be 'fan_in' or 'model', got {method!r}")
+def initialize_weights(model, seed):
+    """Fresh weights for training from scratch, at PyTorch's default scales: every linear weight
+    ~ U(-1/sqrt(in), 1/sqrt(in)), token embeddings ~ N(0, 1); biases, norms, the class and position embeddings
+    keep LlavaVlm's own initialization (see the module docstring for why not LlavaVlm's N(0, 0.02))."""
     rng = np.random.default_rng([seed, 1])
-    # Duck-typed: built through `auto_register:`, the model's Linear is MindFormers' copy of llava_model's.
-    stored_out_in = {f"{name}.weight" for name, cell in model.cells_and_names() if getattr(cell, "transposed", False)}
-    for name, param in model.parameters_and_names():
-        if name.endswith(RUNTIME_STATE_SUFFIXES) or len(param.shape) != 2:
-            continue
+    for name, param in model.weights().items():
+        kind = linear_kind(name)
         if name.endswith("embed_tokens.weight"):
             values = rng.standard_normal(param.shape)
-        elif name.endswith("position_embedding.weight"):
+        elif kind is None or not name.endswith(".weight"):
             continue
         else:  # drawn as [in, out] whatever the storage, so a seed gives the same model in either layout
-            shape = tuple(reversed(param.shape)) if name in stored_out_in else param.shape
+            shape = tuple(reversed(param.shape)) if kind.transposed else tuple(param.shape)
             bound = 1.0 / np.sqrt(shape[0])
             values = rng.uniform(-bound, bound, shape)
-            values = values.T if name in stored_out_in else values
+            values = values.T if kind.transposed else values
         param.set_data(Tensor(np.ascontiguousarray(values, np.float32)).astype(param.dtype))
 
 
 def decay_groups(model, weight_decay):
     """Parameter groups: weight decay on matrices (ndim >= 2), none on vectors (norms, biases)."""
-    params = [p for name, p in model.parameters_and_names()
-              if p.requires_grad and not name.endswith(RUNTIME_STATE_SUFFIXES)]
+    params = [p for p in model.weights().values() if p.requires_grad]
     matrices = [p for p in params if len(p.shape) >= 2]
     vectors = [p for p in params if len(p.shape) < 2]
     return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0},
@@ -192,91 +187,91 @@ def build_optimizer(config, model, total_steps):
     return optimizer, lr_schedule
 
 
-def data_stages(data, total_steps):
-    """The data schedule: `train_dataset.stages` (each a share of the steps, its largest picture and its
-    question mix), or one stage of `train_dataset.question_weights` over all steps.
-
-    Returns:
-        list of dicts with "steps" (they add up to total_steps), "max_shapes", "question_weights".
+@MindFormerRegister.register(MindFormerModuleType.DATASET)
+class ShapesTaskDataset:
+    """The YAML's `train_dataset:` as a stream of shapes_task.Example batches, following its data schedule:
+    `stages` (each a share of the steps, its largest picture and its question mix), or one stage of
+    `question_weights` over all steps. Every stage draws from its own stream, seeded from `seed` and its index.
     """
-    stages = [dict(stage) for stage in (data.get("stages") or [{"fraction": 1.0}])]
-    fractions = np.asarray([float(stage.get("fraction", 0)) for stage in stages])
-    if (fractions <= 0).any():
-        raise ValueError("every train_dataset.stages entry needs a fraction > 0")
-    bounds = np.round(np.cumsum(fractions) / fractions.sum() * total_steps).astype(int)
-    steps = np.diff(np.concatenate([[0], bounds]))
-    out = []
-    for stage, count in zip(stages, steps):
-        max_shapes = int(stage.get("max_shapes") or shapes_task.MAX_SHAPES)
-        if not 1 <= max_shapes <= shapes_task.MAX_SHAPES:
-            raise ValueError(f"max_shapes must be 1..{shapes_task.MAX_SHAPES}, got {max_shapes}")
-        weights = dict(stage.get("question_weights") or data.get("question_weights")
-                       or {t: 1.0 for t in shapes_task.QUESTION_TYPES})
-        out.append({"steps": int(count), "max_shapes": max_shapes, "question_weights": weights})
-    return out
+
+    def __init__(self, seed=0, num_samples=0, stages=None, question_weights=None):
+        self.seed = int(seed or 0)
+        self.num_samples = int(num_samples or 0)
+        self.stages = [dict(stage) for stage in (stages or [{"fraction": 1.0}])]
+        self.question_weights = question_weights
+        fractions = np.asarray([float(stage.get("fraction", 0)) for stage in self.stages])
+        if (fractions <= 0).any():
+            raise ValueError("every train_dataset.stages entry needs a fraction > 0")
+        self.fractions = fractions / fractions.sum()
+
+    def schedule(self, total_steps):
+        """list of dicts with "steps" (adding up to total_steps), "max_shapes", "question_weights"."""
+        bounds = np.round(np.cumsum(self.fractions) * total_steps).astype(int)
+        out = []
+        for stage, count in zip(self.stages, np.diff(np.concatenate([[0], bounds]))):
+            max_shapes = int(stage.get("max_shapes") or shapes_task.MAX_SHAPES)
+            if not 1 <= max_shapes <= shapes_task.MAX_SHAPES:
+                raise ValueError(f"max_shapes must be 1..{shapes_task.MAX_SHAPES}, got {max_shapes}")
+            weights = dict(stage.get("question_weights") or self.question_weights
+                           or {t: 1.0 for t in shapes_task.QUESTION_TYPES})
+            out.append({"steps": int(count), "max_shapes": max_shapes, "question_weights": weights})
+        return out
+
+    def batches(self, total_steps, batch_size, log):
+        """Yield `total_steps` lists of `batch_size` examples, logging where each stage starts."""
+        step = 1
+        for index, stage in enumerate(self.schedule(total_steps)):
+            if not stage["steps"]:
+                continue
+            log(f"stage {index + 1}/{len(self.stages)} from step {step}: {stage['steps']} steps, pictures of "
+                f"1 to {stage['max_shapes']} shapes, questions {stage['question_weights']}")
+            stream = shapes_task.example_stream([self.seed, index], stage["question_weights"],
+                                                max_shapes=stage["max_shapes"])
+            for _ in range(stage["steps"]):
+                yield [next(stream) for _ in range(batch_size)]
+            step += stage["steps"]
 
 
-def stage_stream(data, index, stage):
-    """The endless example stream of one stage (its own derived seed)."""
-    return shapes_task.example_stream([int(data.get("seed") or 0), index], stage["question_weights"],
-                                      max_shapes=stage["max_shapes"])
-
-
-def make_train_step(loss_net, optimizer, max_grad_norm=None, jit=True):
-    """One step: loss, gradients of the trainable parameters, optional global-norm clipping, update."""
+def make_train_step(loss_net, optimizer, max_grad_norm):
+    """One compiled step: loss, gradients of the trainable parameters, global-norm clipping, update."""
     grad_fn = ms.value_and_grad(loss_net, None, optimizer.parameters)
 
+    @ms.jit
     def step(*inputs):
         loss, grads = grad_fn(*inputs)
-        if max_grad_norm:
-            grads = ops.clip_by_global_norm(grads, max_grad_norm)
+        grads = ops.clip_by_global_norm(grads, max_grad_norm)
         optimizer(grads)
         return loss
 
-    return ms.jit(step) if jit else step
+    return step
 
 
 def save_checkpoint(model, path, dtype="float32"):
-    """Write every stored parameter of `model` to `path` (atomic); returns the file size in bytes."""
+    """Write every weight of `model` to `path` (atomic); returns the file size in bytes."""
     with CheckpointWriter(path) as writer:
-        for name, param in model.parameters_and_names():
-            if not name.endswith(RUNTIME_STATE_SUFFIXES):
-                writer.write(name, param.asnumpy(), dtype=dtype)
+        for name, param in model.weights().items():
+            writer.write(name, param.asnumpy(), dtype=dtype)
     return os.path.getsize(path)
 
 
-# ----------------------------------------------------------------------------------------------- answering
-
-def answer_questions(model, tokenizer, processor, questions, images, batch_size=16, max_new_tokens=None):
-    """Answer each (question, image) pair as run_mindformer.py does: processor -> generate -> decode."""
-    answers = []
-    for start in range(0, len(questions), batch_size):
-        inputs = processor(list(questions[start:start + batch_size]), list(images[start:start + batch_size]))
-        settings = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
-        outputs = model.generate(inputs["input_ids"], pixel_values=inputs["pixel_values"], do_sample=False,
-                                 **settings)
-        for prompt_ids, output in zip(inputs["input_ids"], outputs):
-            generated = [int(token) for token in output[len(prompt_ids):]]
-            answers.append(tokenizer.decode(generated, skip_special_tokens=True).strip())
-    return answers
-
+# ----------------------------------------------------------------------------------------------- evaluation
 
 def evaluate(model, tokenizer, processor, examples, batch_size=16):
-    """Exact-match accuracy per question type over `examples` (shapes_task.Example).
+    """Exact-match accuracy per question type over `examples` (shapes_task.Example), greedy answers.
 
     Returns:
         (dict type -> {"correct", "total", "accuracy"}, list of (example, wrong answer)).
     """
-    answers = answer_questions(model, tokenizer, processor, [e.question for e in examples],
-                               [e.image() for e in examples], batch_size)
+    answers = answer(model, tokenizer, processor, [e.question for e in examples], [e.image() for e in examples],
+                     batch_size, do_sample=False)
     scores, wrong = {}, []
-    for example, answer in zip(examples, answers):
+    for example, result in zip(examples, answers):
         score = scores.setdefault(example.question_type, {"correct": 0, "total": 0})
         score["total"] += 1
-        if answer == example.answer:
+        if result["text"] == example.answer:
             score["correct"] += 1
         else:
-            wrong.append((example, answer))
+            wrong.append((example, result["text"]))
     for score in scores.values():
         score["accuracy"] = score["correct"] / score["total"]
     return scores, wrong
@@ -304,11 +299,12 @@ def run_finetune(config, log=print):
     trainer = _section(config, "trainer")
     if not data.get("processor"):
         raise ValueError("the finetune YAML needs train_dataset.processor (the predict YAML's processor: section)")
+    dataset = MindFormerRegister.get_instance_from_cfg(
+        {key: value for key, value in data.items() if key != "processor"}, MindFormerModuleType.DATASET)
     batch_size = int(runner.get("batch_size") or 32)
-    num_samples = int(data.get("num_samples") or 0)
-    total_steps = int(runner.get("epochs") or 1) * (num_samples // batch_size)
+    total_steps = int(runner.get("epochs") or 1) * (dataset.num_samples // batch_size)
     if total_steps < 1:
-        raise ValueError(f"train_dataset.num_samples {num_samples} gives no step of batch_size {batch_size}")
+        raise ValueError(f"train_dataset.num_samples {dataset.num_samples} gives no step of batch_size {batch_size}")
     log_interval = max(1, int(trainer.get("log_interval") or 25))
 
     started = time.time()
@@ -317,31 +313,22 @@ def run_finetune(config, log=print):
         load_checkpoint_into(model, config.load_checkpoint)
         log(f"initial weights from {config.load_checkpoint}")
     else:
-        initialize_weights(model, trainer.get("init") or "fan_in", seed)
+        initialize_weights(model, seed)
     model.set_train(True)
     batcher = ShapesBatcher(tokenizer, processor)
     optimizer, lr_schedule = build_optimizer(config, model, total_steps)
-    step_fn = make_train_step(AnswerLoss(model, batcher.length), optimizer, trainer.get("max_grad_norm"),
-                              jit=bool(trainer.get("jit", True)))
-    num_params = sum(int(np.prod(p.shape)) for name, p in model.parameters_and_names()
-                     if not name.endswith(RUNTIME_STATE_SUFFIXES))
+    step_fn = make_train_step(AnswerLoss(model, batcher.length), optimizer, float(trainer.get("max_grad_norm", 1.0)))
+    num_params = sum(int(np.prod(p.shape)) for p in model.weights().values())
     log(f"finetune: {num_params:,} parameters, {total_steps} steps of {batch_size} pictures with a question each "
-        f"(rows of {batcher.length} tokens), seed {seed}, data seed {data.get('seed', 0)}")
+        f"(rows of {batcher.length} tokens), seed {seed}, data seed {dataset.seed}")
 
-    stages = data_stages(data, total_steps)
-    stage_of_step = np.repeat(np.arange(len(stages)), [stage["steps"] for stage in stages])
-    streams = [stage_stream(data, index, stage) for index, stage in enumerate(stages)]
     losses, window = [], []
     train_started = time.time()
-    for step in range(1, total_steps + 1):
-        stage = int(stage_of_step[step - 1])
-        if step == 1 or stage != stage_of_step[step - 2]:
-            log(f"stage {stage + 1}/{len(stages)} from step {step}: {stages[stage]['steps']} steps, pictures of "
-                f"1 to {stages[stage]['max_shapes']} shapes, questions {stages[stage]['question_weights']}")
-        arrays = batcher([next(streams[stage]) for _ in range(batch_size)])
-        text_ids, source = model.plan_prompt(arrays["input_ids"], arrays["pixel_values"])
-        loss = step_fn(Tensor(text_ids), Tensor(source), Tensor(arrays["pixel_values"]), Tensor(arrays["labels"]),
-                       Tensor(arrays["weights"]))
+    for step, examples in enumerate(dataset.batches(total_steps, batch_size, log), start=1):
+        arrays = batcher(examples)
+        text_ids, merge_index = model.merge_plan(arrays["input_ids"], len(examples))
+        loss = step_fn(Tensor(text_ids), Tensor(merge_index), Tensor(arrays["pixel_values"]),
+                       Tensor(arrays["labels"]), Tensor(arrays["weights"]))
         loss = float(loss.asnumpy())
         if not np.isfinite(loss):
             raise ValueError(f"the loss became {loss} at step {step}; lower lr_schedule.learning_rate")
@@ -373,3 +360,14 @@ def run_finetune(config, log=print):
         log(f"held-out accuracy ({eval_samples} fresh examples): {format_scores(scores)}")
     summary["total_seconds"] = time.time() - started
     return summary
+
+
+@MindFormerRegister.register(MindFormerModuleType.TRAINER)
+class ShapesTaskTrainer:
+    """What `run_mindformer.py --run_mode finetune` runs for the YAML's `trainer: {type: ShapesTaskTrainer}`."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def train(self, log=print):
+        return run_finetune(self.config, log)

@@ -1,6 +1,6 @@
 """The bundled tiny LLaVA's non-weight files: its SentencePiece vocabulary and its demo image.
 
-    python research/llava/tiny_assets.py research/llava/llava_tiny
+    python demo/tiny_assets.py demo/llava_tiny
 
 writes `tokenizer.model` (trained on the shapes task's text), `demo.png` and `demo.json` (the demo scene and
 every question about it with its right answer). Both are deterministic: running it again gives the same bytes.

@@ -1,0 +1,151 @@
+"""Running a LlavaVlm for generation: three steps, each either compiled or op by op, and the host-side work
+around them (padding prompts, where image features go, which KV-cache rows a prompt fills).
+
+    VisionStep   pixels [N, 3, S, S] -> image features [N*F, Ht]
+    PrefillStep  prompts [B, S] + image features -> logits of each prompt's last token [B, V];
+                 keys/values written into the prompts' cache rows
+    DecodeStep   one token per cache row [B] -> logits [B, V]; keys/values written at each row's position
+
+Each step has `eager` (op by op, PyNative) and `compiled` (the same function as one graph, ms.jit). Op-by-op
+dispatch, not arithmetic, bounds speed on CPU, so the decode step is always compiled. The vision and prefill
+steps are compiled only with `compile_prefill: True`: on CPU MindSpore keeps every activation of a compiled
+graph allocated (several GB for the ViT-L tower and a 600-token prefill), which costs more than the faster
+prompt gains there (bench/RESULTS.md); the Ascend YAML turns it on. A compiled step compiles once per input
+shape: the vision step per image count, the prefill per (batch, prompt length rounded up to PREFILL_BLOCK),
+the decode per cache shape. The steps share the model's cells, so they see its weights and its KV cache.
+"""
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from llava_model import causal_mask, merge_image_features
+
+PREFILL_BLOCK = 32  # prompts are padded to a multiple of this: it bounds the number of compiled prefill graphs
+
+
+class VisionStep(nn.Cell):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def eager(self, pixel_values):
+        """pixel_values [N, C, S, S] float32 -> image features [N*F, Ht] float32."""
+        return self.model.image_features(pixel_values)
+
+    @ms.jit
+    def compiled(self, pixel_values):
+        return self.eager(pixel_values)
+
+
+class PrefillStep(nn.Cell):
+    def __init__(self, model):
+        super().__init__()
+        self.language_model = model.language_model
+        self.lm_head = model.lm_head
+
+    def eager(self, text_ids, image_features, merge_index, positions, mask, last_index, write_index=None):
+        """text_ids, positions [B, S] int32; image_features [M, Ht]; merge_index [B*S]; mask [1, 1, S, S];
+        last_index [B] (flat index of each row's last token); write_index [B*H*S, 3] or None (no cache)
+        -> logits [B, V] float32."""
+        batch, length = text_ids.shape
+        hidden = merge_image_features(self.language_model.embed_tokens(text_ids), image_features, merge_index)
+        hidden = self.language_model(hidden, positions, mask, write_index)
+        last = ops.gather(hidden.reshape(batch * length, -1), last_index, 0)
+        return self.lm_head(last).astype(ms.float32)
+
+    @ms.jit
+    def compiled(self, text_ids, image_features, merge_index, positions, mask, last_index, write_index=None):
+        return self.eager(text_ids, image_features, merge_index, positions, mask, last_index, write_index)
+
+
+class DecodeStep(nn.Cell):
+    def __init__(self, model):
+        super().__init__()
+        self.language_model = model.language_model
+        self.lm_head = model.lm_head
+
+    def eager(self, token_ids, positions, mask, write_index):
+        """token_ids, positions [B, 1] int32; mask [B, 1, 1, L]; write_index [B*H, 3] -> logits [B, V] float32."""
+        hidden = self.language_model(self.language_model.embed_tokens(token_ids), positions, mask, write_index,
+                                     True)
+        return self.lm_head(hidden[:, 0]).astype(ms.float32)
+
+    # jit_level O1 (MindSpore's graph fusion passes): ~10% faster per token than O0 (bench/RESULTS.md).
+    @ms.jit(jit_level="O1")
+    def compiled(self, token_ids, positions, mask, write_index):
+        return self.eager(token_ids, positions, mask, write_index)
+
+
+class ModelRunner:
+    """The steps of one LlavaVlm and the KV cache they fill: `reserve` cache rows, `prefill` prompts into rows,
+    then `decode` one token per row at a time. Logits come back as numpy float32 [rows, V]."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = model.language_model.kv_cache
+        self.vision_step = VisionStep(model)
+        self.uncached_prefill_step = PrefillStep(model)
+        self._cache_version = None
+        self.prefill_step = self.decode_step = None
+
+    @property
+    def compile_prefill(self):
+        return self.model.config.compile_prefill
+
+    def image_features(self, pixel_values):
+        """pixel_values [N, C, S, S] (numpy or Tensor) -> image features [N*F, Ht] float32 Tensor."""
+        if not isinstance(pixel_values, Tensor):
+            pixel_values = Tensor(np.asarray(pixel_values, np.float32))
+        step = self.vision_step.compiled if self.compile_prefill else self.vision_step.eager
+        return step(pixel_values)
+
+    def reserve(self, rows, length):
+        """A cache of `rows` rows of at least `length` positions (steps compiled for an older cache are rebuilt:
+        they hold its tensors)."""
+        self.cache.allocate(rows, length)
+        if self._cache_version != self.cache.version:
+            self.prefill_step, self.decode_step = PrefillStep(self.model), DecodeStep(self.model)
+            self._cache_version = self.cache.version
+
+    def prefill(self, prompts, image_features=None, rows=None, use_cache=True):
+        """Run prompts (lists of token ids, ragged; `<image>` slots included) once; logits of each one's last
+        token [len(prompts), V].
+
+        image_features: [M, Ht] for the prompts' `<image>` slots in reading order (see `image_features`).
+        rows: the cache rows the prompts' keys/values go to (default 0..n-1); without `use_cache` nothing is
+        kept. Each prompt is padded after its end; decode overwrites or masks every padding slot before
+        reading it.
+        """
+        lengths = np.array([len(prompt) for prompt in prompts], np.int32)
+        batch = len(prompts)
+        padded_length = -(-int(lengths.max()) // PREFILL_BLOCK) * PREFILL_BLOCK
+        if use_cache:
+            padded_length = max(int(lengths.max()), min(padded_length, self.cache.length))
+        padded = np.full((batch, padded_length), self.model.config.pad_token_id, np.int32)
+        for target, prompt in zip(padded, prompts):
+            target[:len(prompt)] = prompt
+        num_images = 0 if image_features is None else image_features.shape[0] // self.model.num_image_features
+        text_ids, merge_index = self.model.merge_plan(padded, num_images)
+        if image_features is None:
+            image_features = ops.zeros((1, self.model.config.text_config.hidden_size), ms.float32)  # never gathered
+        positions = np.broadcast_to(np.arange(padded_length, dtype=np.int32), (batch, padded_length))
+        last_index = lengths - 1 + np.arange(batch, dtype=np.int32) * padded_length
+        if use_cache:
+            rows = np.arange(batch) if rows is None else rows
+            step, write_index = self.prefill_step, self.cache.write_index(rows, positions)
+        else:
+            step, write_index = self.uncached_prefill_step, None
+        run = step.compiled if self.compile_prefill else step.eager
+        logits = run(Tensor(text_ids), image_features, Tensor(merge_index), Tensor(positions),
+                     causal_mask(padded_length), Tensor(last_index), write_index)
+        return logits.asnumpy()
+
+    def decode(self, tokens, positions):
+        """One compiled step over every cache row: tokens [rows] at positions [rows] (each row's own) ->
+        logits [rows, V]. Rows that hold no sequence take any token at position 0 and are ignored."""
+        positions = np.asarray(positions, np.int32).reshape(-1, 1)
+        token_ids = Tensor(np.asarray(tokens, np.int32).reshape(-1, 1))
+        write_index = self.cache.write_index(np.arange(len(positions)), positions)
+        return self.decode_step.compiled(token_ids, Tensor(positions), self.cache.decode_mask(positions),
+                                         write_index).asnumpy()
