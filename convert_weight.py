@@ -31,10 +31,10 @@ Tensors LLaVA never uses are skipped on purpose: the vision `post_layernorm`, th
 other name is an error, as are wrong shapes and missing tensors; all of it is checked from the safetensors
 headers before anything is written.
 
-The conversion streams: each tensor is read on its own with plain file reads, converted and appended to the
-output, so memory holds about three copies of the largest tensor (the 32064x4096 embedding: 263 MB in
-float16) on top of the ~0.9 GB that importing MindSpore/mindformers costs; a 7B float16 conversion peaks at
-about 1.6 GB. The output appears only when complete (temporary file + rename): after an error, Ctrl-C or
+The conversion streams: each tensor is read on its own with plain file reads, converted (transposed where
+our layout needs it, see research/llava/llava_layout.py) and appended to the output straight from the array, so
+memory holds at most two copies of the largest tensor on top of what importing MindSpore/mindformers costs
+(the 7B figures are in bench/RESULTS.md). The output appears only when complete (temporary file + rename): after an error, Ctrl-C or
 SIGTERM nothing new is left at the output path (an earlier file there is kept as it was).
 
 A progress bar (tensors and bytes) goes to stderr when stderr is a terminal or with --verbose. Errors are
@@ -361,8 +361,7 @@ def convert_llava(input_path, output_path, dtype=None, progress=True, model_para
             writers = [stack.enter_context(CheckpointWriter(path)) for path in outputs]
             for item in plan:
                 out_dtype = dtype or _DTYPE_NAMES[item.source.dtype]
-                # Read, convert, and let go of the source before writing: the writer makes two more copies
-                # (bytes, then the serialized record), so the peak is about three copies of the largest tensor.
+                # Read, convert (a transposed copy where the layout needs one) and write straight from the array.
                 array = read_tensor(streams[item.source.path], item.source)
                 array = stored_from_hf(item.name, array, _NUMPY_DTYPES[out_dtype])
                 for rank, writer in enumerate(writers):

@@ -187,7 +187,9 @@ def run_predict(config, examples, log):
 
     context = config.get("context") or {}
     output_dir = config.get("output_dir") or "./output"
-    set_up_context(device_target=context.get("device_target", "CPU"), mode=context.get("mode", 1))
+    set_up_context(device_target=context.get("device_target", "CPU"), mode=context.get("mode", 1),
+                   device_id=None if config.get("use_parallel") else context.get("device_id", 0),
+                   max_device_memory=context.get("max_device_memory"))
     rank = set_up_parallel(config)
     if not config.get("load_checkpoint"):
         raise ValueError("no checkpoint: pass --load_checkpoint (a .ckpt file from convert_weight.py)")

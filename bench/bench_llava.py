@@ -6,9 +6,12 @@ Builds a random-weight LLaVA with the full CLIP ViT-L/14-336 tower and a LLaMA t
 8 layers, 16 heads, intermediate 2816, vocab 32064 (474M parameters), saves it as HF safetensors and converts
 it with convert_weight.py. Then each system runs in its own process (so peak RSS is its own), the systems in
 alternation for --rounds rounds; each process loads, warms up once and measures --runs times: one image,
-a ~600-token prompt, greedy, exactly 32 new tokens, 2 threads. Printed: medians of vision+projector ms,
-prefill ms, time to first token, decode tokens/s, peak RSS; ratios ours/HF; whether the fp32 tokens agree;
-and the floors (FLOPs over the measured matmul rate, decode bytes over the measured memory bandwidth).
+a ~600-token prompt, greedy, exactly 32 new tokens, 2 threads. The time to the first token and the decode
+rate come from one generate call each run (a streamer timestamps every token: TTFT = first token - start,
+decode = 31 tokens / (last token - first token)), so each run gives its own rate. Printed: medians of
+vision+projector ms (timed on its own), prefill ms (TTFT - vision), time to first token, decode tokens/s, peak
+RSS; ratios ours/HF; whether the fp32 tokens agree; and the floors (FLOPs over the measured matmul rate, decode
+bytes over the measured memory bandwidth).
 """
 import argparse
 import json
@@ -98,9 +101,9 @@ def run_hf(hf_dir, dtype, runs):
         return model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=-2,
                                               vision_feature_select_strategy="default")
 
-    def generate(new_tokens):
-        return model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False)[0, len(ids):].tolist()
+    def generate(streamer):
+        return model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer)[0, len(ids):].tolist()
 
     with torch.inference_mode():
         return measure(vision, generate, runs)
@@ -120,39 +123,56 @@ def run_ours(checkpoint, runs, compile_prefill):
                          compile_prefill=compile_prefill)
     model = LlavaVlm(config)
     load_checkpoint_into(model, checkpoint)
+    runner = model.runner()
     pixel_tensor = ms.Tensor(pixels)
 
-    vision_step = model._vision_step if compile_prefill else model._vision_step.run  # as prefill() runs it
-
     def vision():
-        return vision_step(pixel_tensor).asnumpy()
+        return runner.image_features(pixel_tensor).asnumpy()  # as generate runs it
 
-    def generate(new_tokens):
-        # eos -1: exactly `new_tokens` tokens, as HF's min_new_tokens does.
-        return [int(t) for t in model.generate([ids], pixel_values=pixels, max_new_tokens=new_tokens,
-                                               eos_token_id=-1)[0][len(ids):]]
+    def generate(streamer):
+        # eos -1: exactly NEW_TOKENS tokens, as HF's min_new_tokens does.
+        return [int(t) for t in model.generate([ids], pixel_values=pixels, max_new_tokens=NEW_TOKENS,
+                                               eos_token_id=-1, streamer=streamer)[0][len(ids):]]
 
     del np
-    return measure(vision, generate, runs)
+    return measure(vision, generate, runs, prompt_put=False)
 
 
-def measure(vision, generate, runs):
-    """Warm-up once, then `runs` timings of: vision, generate(1) (= time to first token), generate(32)."""
+class TokenClock:
+    """A streamer (`put` / `end`, as HF's and ours call it) that timestamps every generated token."""
+
+    def __init__(self, prompt_put):
+        self.skip = 1 if prompt_put else 0  # HF's generate first puts the prompt itself
+        self.times = []
+
+    def put(self, _):
+        if self.skip:
+            self.skip -= 1
+        else:
+            self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def measure(vision, generate, runs, prompt_put=True):
+    """Warm-up once, then `runs` times: the vision pass alone, then one generate call whose tokens are
+    timestamped (time to first token, and the decode rate over the other NEW_TOKENS - 1 tokens)."""
     vision()
-    generate(NEW_TOKENS)
+    generate(TokenClock(prompt_put))
     rows = []
     for _ in range(runs):
         start = time.perf_counter()
         vision()
         vision_ms = (time.perf_counter() - start) * 1000
+        clock = TokenClock(prompt_put)
         start = time.perf_counter()
-        generate(1)
-        first_ms = (time.perf_counter() - start) * 1000
-        start = time.perf_counter()
-        tokens = generate(NEW_TOKENS)
-        total_ms = (time.perf_counter() - start) * 1000
+        tokens = generate(clock)
+        if len(clock.times) != NEW_TOKENS:
+            raise RuntimeError(f"expected {NEW_TOKENS} token timestamps, got {len(clock.times)}")
+        first_ms = (clock.times[0] - start) * 1000
         rows.append({"vision_ms": vision_ms, "prefill_ms": first_ms - vision_ms, "ttft_ms": first_ms,
-                     "decode_tok_s": (NEW_TOKENS - 1) / max(1e-9, (total_ms - first_ms) / 1000)})
+                     "decode_tok_s": (NEW_TOKENS - 1) / (clock.times[-1] - clock.times[0])})
     return {"rows": rows, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}
 
 

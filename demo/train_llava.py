@@ -48,7 +48,7 @@ import shapes_task
 from llava_checkpoint import CheckpointWriter, load_checkpoint_into
 from llava_generation import answer
 from llava_layout import linear_kind
-from llava_model import causal_mask
+from llava_steps import causal_mask
 from llava_processor import build_prompt
 from llava_runtime import build_components, set_up_context
 

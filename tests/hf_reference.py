@@ -24,9 +24,13 @@ TINY_CONFIGS = {
 }
 
 
-def make_hf_llava(name="small", seed=0, vocab_size=VOCAB_SIZE):
-    """A random tiny LLaVA-1.5 in fp32 with weights large enough that every block matters."""
+def make_hf_llava(name="small", seed=0, vocab_size=VOCAB_SIZE, feature_strategy="default"):
+    """A random tiny LLaVA-1.5 in fp32 with weights large enough that every block matters.
+
+    feature_strategy: "default" (the class token's feature dropped, as LLaVA-1.5) or "full" (kept).
+    """
     spec = TINY_CONFIGS[name]
+    patches = (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2
     torch.manual_seed(seed)
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**spec["vision"], hidden_act="quick_gelu", layer_norm_eps=1e-5,
@@ -35,8 +39,8 @@ def make_hf_llava(name="small", seed=0, vocab_size=VOCAB_SIZE):
                                 max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
                                 pad_token_id=PAD_TOKEN_ID, tie_word_embeddings=False),
         image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=spec["vision_feature_layer"],
-        vision_feature_select_strategy="default", projector_hidden_act="gelu",
-        image_seq_length=(spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2,
+        vision_feature_select_strategy=feature_strategy, projector_hidden_act="gelu",
+        image_seq_length=patches + (feature_strategy == "full"),
         pad_token_id=PAD_TOKEN_ID,
     )
     model = LlavaForConditionalGeneration(config).eval()

@@ -61,6 +61,12 @@ def random_image(rng, hf_model):
     return rng.standard_normal((1, 3, size, size)).astype(np.float32)
 
 
+def prompt_and_image(seed, hf_model, model, text_before=3, text_after=4):
+    """A random prompt with one image's `<image>` slots, and a random image for it."""
+    rng = np.random.default_rng(seed)
+    return random_prompt(rng, model.num_image_features, text_before, text_after), random_image(rng, hf_model)
+
+
 def hf_logits(hf_model, ids, pixels):
     with torch.no_grad():
         return hf_model(input_ids=torch.tensor([ids]),
@@ -83,6 +89,24 @@ def test_checkpoint_layout_is_the_model_parameters():
         assert parameters == checkpoint_layout(config)
         model.runner().reserve(2, 8)  # the KV cache is runtime state, not a weight
         assert {n: tuple(p.shape) for n, p in model.weights().items()} == parameters
+
+
+def test_full_feature_strategy_keeps_the_class_token_as_hf_does(tmp_path_factory):
+    """vision_feature_select_strategy "full": F = patches + 1 features per image, the class token's first."""
+    hf_model = make_hf_llava("small", seed=4, feature_strategy="full")
+    directory = tmp_path_factory.mktemp("full")
+    save_hf_checkpoint(hf_model, str(directory / "hf"))
+    convert_llava(str(directory / "hf"), str(directory / "llava.ckpt"), progress=False)
+    model = LlavaVlm(llava_config_from_hf(hf_model.config))
+    load_checkpoint_into(model, str(directory / "llava.ckpt"))
+    assert model.num_image_features == 5  # 2 x 2 patches + the class token
+    rng = np.random.default_rng(12)
+    ids = random_prompt(rng, model.num_image_features, 3, 5)
+    pixels = random_image(rng, hf_model)
+    ours = model(ms.Tensor(np.array([ids], np.int32)), ms.Tensor(pixels)).asnumpy()[0]
+    assert np.abs(ours - hf_logits(hf_model, ids, pixels)).max() < 1e-4
+    assert model.generate([ids], pixel_values=pixels, max_new_tokens=8)[0][len(ids):] == \
+        hf_greedy(hf_model, ids, pixels, 8)
 
 
 def test_vision_layers_after_the_feature_layer_are_not_built():
@@ -160,9 +184,7 @@ def small_pair(tmp_path_factory):
 
 def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy(small_pair):
     hf_model, model = small_pair
-    rng = np.random.default_rng(5)
-    ids = random_prompt(rng, model.num_image_features, 3, 4)
-    pixels = random_image(rng, hf_model)
+    ids, pixels = prompt_and_image(5, hf_model, model)
     settings = dict(pixel_values=pixels, max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.95)
     first = model.generate([ids], seed=7, **settings)
     assert model.generate([ids], seed=7, **settings) == first
@@ -174,9 +196,7 @@ def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy(small_pair):
 
 def test_repetition_penalty_matches_hf(small_pair):
     hf_model, model = small_pair
-    rng = np.random.default_rng(6)
-    ids = random_prompt(rng, model.num_image_features, 3, 4)
-    pixels = random_image(rng, hf_model)
+    ids, pixels = prompt_and_image(6, hf_model, model)
     ours = model.generate([ids], pixel_values=pixels, max_new_tokens=NEW_TOKENS, repetition_penalty=1.3)
     with torch.no_grad():
         reference = hf_model.generate(input_ids=torch.tensor([ids]), pixel_values=torch.tensor(pixels),
@@ -186,9 +206,7 @@ def test_repetition_penalty_matches_hf(small_pair):
 
 def test_generation_stops_at_eos(small_pair):
     hf_model, model = small_pair
-    rng = np.random.default_rng(7)
-    ids = random_prompt(rng, model.num_image_features, 3, 4)
-    pixels = random_image(rng, hf_model)
+    ids, pixels = prompt_and_image(7, hf_model, model)
     greedy = model.generate([ids], pixel_values=pixels, max_new_tokens=8)[0][len(ids):]
     # Declare the third greedy token the end of sequence: generation must end right there.
     stopped = model.generate([ids], pixel_values=pixels, max_new_tokens=8, eos_token_id=greedy[2])[0][len(ids):]
@@ -257,3 +275,25 @@ def test_weights_loaded_after_a_generate_are_used(tmp_path_factory):
     load_checkpoint_into(model, str(directory / "llava.ckpt"))
     assert model.generate([ids], pixel_values=pixels, max_new_tokens=12)[0][len(ids):] == \
         hf_greedy(second, ids, pixels, 12)
+
+
+def test_kv_cache_rounds_up_keeps_a_large_enough_cache_and_caps_at_the_context():
+    from llava_model import KVCache
+    cache = KVCache(num_layers=2, num_heads=3, head_dim=4, dtype=ms.float32, max_length=600)
+    cache.allocate(2, 10)
+    assert (cache.batch, cache.length, cache.version) == (2, KVCache.BLOCK, 1)
+    assert [tuple(k.shape) for k in cache.keys] == [(2, 3, KVCache.BLOCK, 4)] * 2
+    cache.allocate(2, 200)  # fits: no new tensors, so no recompile of the steps that hold them
+    assert cache.version == 1
+    cache.allocate(2, 300)
+    assert (cache.length, cache.version) == (2 * KVCache.BLOCK, 2)
+    cache.allocate(2, 590)
+    assert cache.length == 600  # capped at the context
+    cache.allocate(3, 10)  # another batch: new tensors
+    assert (cache.batch, cache.version) == (3, 4)
+    with pytest.raises(ValueError, match="601 tokens do not fit the context seq_length=600"):
+        cache.allocate(1, 601)
+    index = cache.write_index([2, 0], np.array([[5, 6], [7, 8]])).asnumpy().reshape(2, 3, 2, 3)
+    assert index[0, 1, 1].tolist() == [2, 1, 6] and index[1, 2, 0].tolist() == [0, 2, 7]
+    mask = cache.decode_mask(np.array([[0], [3]])).asnumpy()
+    assert mask.shape == (2, 1, 1, cache.length) and (mask[1, 0, 0, :4] == 0).all() and (mask[1, 0, 0, 4:] < -1e8).all()

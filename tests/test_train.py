@@ -50,7 +50,8 @@ def test_finetune_command_runs_and_loss_falls(tmp_path):
     command = [sys.executable, "run_mindformer.py", "--config", FINETUNE_YAML, "--register_path", "research/llava",
                "--run_mode", "finetune", "--output_dir", str(tmp_path),
                "--options", "train_dataset.num_samples=256", "runner_config.batch_size=16", "trainer.log_interval=1",
-               "trainer.eval_samples=8", f"trainer.save_checkpoint={checkpoint}", "lr_schedule.warmup_ratio=0.0",
+               "trainer.eval_samples=8", f"trainer.save_checkpoint={checkpoint}", "trainer.save_dtype=float16",
+               "lr_schedule.warmup_ratio=0.0",
                "lr_schedule.learning_rate=2.0e-3"]  # few steps: a larger step than the full run
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -64,6 +65,7 @@ def test_finetune_command_runs_and_loss_falls(tmp_path):
     assert steps[0][3] > steps[-1][3]  # the cosine schedule decays
     assert "held-out accuracy (8 fresh examples)" in result.stdout
     assert checkpoint.exists() and "checkpoint written to" in result.stdout
+    assert {array.dtype for _, array in iter_checkpoint(str(checkpoint))} == {np.dtype(np.float16)}
 
 
 def test_same_seed_same_run(tmp_path):

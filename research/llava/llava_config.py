@@ -125,9 +125,9 @@ class LlavaConfig(PretrainedConfig):
             softmax always run in float32.
         use_past: KV cache on (prefill once, then one token per step).
         compile_prefill: compile the vision tower and the prompt prefill as graphs too (the decode step always
-            is). Off by default: on CPU MindSpore keeps every activation of a compiled graph allocated
-            (7.0 GB peak vs 3.2 GB at the benchmark's size) and, measured in bench/bench_llava.py, decode then
-            ran at 14 tok/s instead of 30 while time to first token improved 2.0x. The Ascend YAML turns it on.
+            is; see llava_steps.py). Off by default: on CPU MindSpore keeps every activation of a compiled graph
+            allocated, which costs more memory than the faster prompt gains there (bench/RESULTS.md). The Ascend
+            YAML turns it on.
         model_parallel: ranks the attention/MLP blocks are split across (the YAML's
             `parallel_config.model_parallel`, applied by run_mindformer.py when --use_parallel is on).
     """

@@ -54,6 +54,8 @@ class GenerationSettings:
 
     def __post_init__(self):
         eos = self.eos_token_id
+        _check("eos_token_id", eos, lambda v: all(map(_is_int, v if isinstance(v, (list, tuple)) else [v])),
+               "a token id or a list of ids")
         object.__setattr__(self, "eos_token_id", tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
         _check("max_new_tokens", self.max_new_tokens, lambda v: v is None or (_is_int(v) and v >= 0),
                "an integer >= 0 (or null: up to max_length)")
@@ -64,13 +66,15 @@ class GenerationSettings:
         _check("top_p", self.top_p, lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
         _check("repetition_penalty", self.repetition_penalty, lambda v: _is_number(v) and v > 0,
                "a number > 0 (1: off)")
-        _check("eos_token_id", self.eos_token_id, lambda v: all(_is_int(t) for t in v), "a token id or a list of ids")
         _check("pad_token_id", self.pad_token_id, _is_int, "a token id")
 
     @classmethod
     def resolve(cls, model_config, generation_config=None, **overrides):
-        """Settings from the model config, then `generation_config` (MindFormers GenerationConfig or dict), then
-        `overrides`; None values do not override. Unknown overrides are a TypeError."""
+        """Settings from the model config, then `generation_config`, then `overrides`; None values do not override.
+
+        A MindFormers GenerationConfig is taken whole, its own defaults included (as HF and MindFormers take it);
+        a dict overrides only the keys it has. Unknown overrides are a TypeError.
+        """
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -138,14 +142,8 @@ def prompt_rows(input_ids, pad_token_id):
 
 
 class LlavaGenerationMixin:
-    """`generate` for LlavaVlm; listed before MindFormers' PreTrainedModel so this `generate` is the one used."""
-
-    def runner(self):
-        """The model's ModelRunner (compiled steps and their KV cache), made on first use."""
-        if "_runner" not in self.__dict__:
-            from llava_steps import ModelRunner  # pylint: disable=import-outside-toplevel
-            self.__dict__["_runner"] = ModelRunner(self)  # outside the Cell tree: its steps share our cells
-        return self.__dict__["_runner"]
+    """`generate` for LlavaVlm (which provides `config` and `runner()`, a llava_steps.ModelRunner); listed before
+    MindFormers' PreTrainedModel so this `generate` is the one used."""
 
     def generate(self, input_ids, generation_config=None, logits_processor=None, streamer=None, seed=None,
                  pixel_values=None, **kwargs):

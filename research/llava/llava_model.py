@@ -24,9 +24,9 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from llava_config import LlavaConfig
 from llava_generation import LlavaGenerationMixin
 from llava_layout import LINEARS
+from llava_steps import MASK_VALUE, ModelRunner, causal_mask, merge_image_features
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
-MASK_VALUE = -1e9  # finite: fully masked padding rows must not produce NaN
 
 
 def mindspore_dtype(name):
@@ -101,7 +101,7 @@ class Linear(nn.Cell):
         self.compute_dtype = precision.compute
         self.all_reduce = ops.AllReduce() if kind.parallel == "row" and size > 1 else None
         self.matmul = ops.MatMul(transpose_b=kind.transposed)
-        self.bias_add = ops.BiasAdd()  # a broadcasting Add over [N, out] is ~10x slower on CPU (measured)
+        self.bias_add = ops.BiasAdd()  # a broadcasting Add over [N, out] is many times slower on CPU (RESULTS.md)
         self.cast = ops.Cast()
 
     def construct(self, x):
@@ -446,7 +446,7 @@ class LlamaModel(nn.Cell):
         self.layers = nn.CellList([LlamaDecoderLayer(config, precision, tensor_parallel)
                                    for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.num_heads = self.layers[0].self_attn.num_heads  # this rank's heads
+        self.num_heads = shard_size(config.num_heads, tensor_parallel.size, "text attention heads")  # this rank's
         self.kv_cache = KVCache(config.num_layers, self.num_heads, config.head_dim, precision.compute, max_positions)
         self.cos, self.sin = rotary_tables(config.head_dim, max_positions, config.rope_theta)
         self.gather = ops.Gather()
@@ -456,8 +456,8 @@ class LlamaModel(nn.Cell):
 
         write_index: None (no cache), or where this step's keys/values go in the cache (KVCache.write_index).
         """
-        # Broadcasting elementwise ops are slow on CPU (an attention mask add over [1, 16, 640, 640]: 73 ms
-        # broadcast, 1.6 ms same-shape), so the mask and rotary tables are tiled to every head once here.
+        # Broadcasting elementwise ops are many times slower than same-shape ones on CPU (bench/RESULTS.md), so
+        # the mask and rotary tables are tiled to every head once here.
         batch, heads = hidden.shape[0], self.num_heads
         cos = ops.tile(self.gather(self.cos, positions, 0).expand_dims(1), (1, heads, 1, 1))  # [B, H, T, D]
         sin = ops.tile(self.gather(self.sin, positions, 0).expand_dims(1), (1, heads, 1, 1))
@@ -474,19 +474,6 @@ class LlamaModel(nn.Cell):
 # ----------------------------------------------------------------------------------------------------------
 # LLaVA
 # ----------------------------------------------------------------------------------------------------------
-
-def merge_image_features(text_embeddings, image_features, merge_index):
-    """[B, S, Ht] token embeddings, [M, Ht] image features -> [B, S, Ht] where position i holds row
-    merge_index[i] of [text embeddings (flattened); image features]: one gather, no data-dependent op."""
-    batch, length, hidden = text_embeddings.shape
-    table = ops.concat((text_embeddings.reshape(batch * length, hidden), image_features), axis=0)
-    return ops.gather(table, merge_index, 0).reshape(batch, length, hidden)
-
-
-def causal_mask(length):
-    """[1, 1, S, S] float32: 0 on and below the diagonal, a large negative above."""
-    return Tensor(np.triu(np.full((length, length), MASK_VALUE, np.float32), 1)[None, None])
-
 
 def tensor_parallel_of(config):
     """This process' TensorParallel: single device, or its rank in the initialised communication group."""
@@ -528,6 +515,12 @@ class LlavaVlm(LlavaGenerationMixin, PreTrainedModel):
         self.projector = Projector(config.vision_config.hidden_size, text.hidden_size, precision)
         self.language_model = LlamaModel(text, config.seq_length, precision, self.tensor_parallel)
         self.lm_head = Linear("lm_head", text.hidden_size, text.vocab_size, bias=False, precision=precision)
+
+    def runner(self):
+        """The model's ModelRunner (compiled steps and the KV cache they fill; llava_steps.py), made on first use."""
+        if "_runner" not in self.__dict__:
+            self.__dict__["_runner"] = ModelRunner(self)  # outside the Cell tree: its steps share our cells
+        return self.__dict__["_runner"]
 
     def weights(self):
         """name -> Parameter of everything a checkpoint holds (the KV cache is runtime state, not a weight)."""

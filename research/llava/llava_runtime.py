@@ -4,16 +4,19 @@ import os
 _cpu_threads_set = False
 
 
-def set_up_context(device_target="CPU", mode=1, threads=None):
+def set_up_context(device_target="CPU", mode=1, threads=None, device_id=0, max_device_memory=None):
     """MindSpore context for inference; safe to call more than once.
+
+    device_id, max_device_memory (e.g. "58GB"): the YAML's `context:` keys, for Ascend and GPU (a CPU process
+    has one device and no device memory of its own; under msrun each worker is given its device).
 
     (MindSpore's on-disk compile cache is deliberately not used: a graph cached for one image count was
     reused for another and failed in Reshape, see the notes of issue 4.)
 
     On CPU the default op thread pool is far larger than the core count and thrashes, so it is pinned to
     the cores available to this process (MindSpore accepts that once per process); and PyNative's
-    asynchronous launch is switched off: with it a tiny model's 16-token generation took 4.0 s, without
-    it 0.17 s (the launcher thread fights the op threads for 2 cores).
+    asynchronous launch is switched off: its launcher thread fights the op threads for the cores, which made
+    a tiny model's generation over 20 times slower (bench/RESULTS.md, runtime settings).
     """
     import mindspore as ms  # pylint: disable=import-outside-toplevel  (quiet_logs must run before it)
 
@@ -21,6 +24,11 @@ def set_up_context(device_target="CPU", mode=1, threads=None):
     if mode not in (0, 1):
         raise ValueError(f"mode must be 0 (graph) or 1 (PyNative), got {mode}")
     ms.set_context(mode=mode, device_target=device_target)
+    if device_target != "CPU":
+        if device_id is not None:  # None under msrun, which gives each worker its device
+            ms.set_context(device_id=device_id)
+        if max_device_memory:
+            ms.set_context(max_device_memory=max_device_memory)
     if device_target == "CPU" and not _cpu_threads_set:
         ms.device_context.cpu.op_tuning.threads_num(threads or len(os.sched_getaffinity(0)))
         ms.runtime.launch_blocking()

@@ -19,9 +19,21 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from llava_model import causal_mask, merge_image_features
-
 PREFILL_BLOCK = 32  # prompts are padded to a multiple of this: it bounds the number of compiled prefill graphs
+MASK_VALUE = -1e9  # finite: fully masked padding rows must not produce NaN
+
+
+def causal_mask(length):
+    """[1, 1, S, S] float32: 0 on and below the diagonal, a large negative above."""
+    return Tensor(np.triu(np.full((length, length), MASK_VALUE, np.float32), 1)[None, None])
+
+
+def merge_image_features(text_embeddings, image_features, merge_index):
+    """[B, S, Ht] token embeddings, [M, Ht] image features -> [B, S, Ht] where position i holds row
+    merge_index[i] of [text embeddings (flattened); image features]: one gather, no data-dependent op."""
+    batch, length, hidden = text_embeddings.shape
+    table = ops.concat((text_embeddings.reshape(batch * length, hidden), image_features), axis=0)
+    return ops.gather(table, merge_index, 0).reshape(batch, length, hidden)
 
 
 class VisionStep(nn.Cell):
