@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-__all__ = ["load_image", "to_rgb", "expand_to_square", "LlavaImageProcessor", "build_prompt", "LlavaProcessor",
+__all__ = ["load_image", "decode_image", "to_rgb", "expand_to_square", "LlavaImageProcessor", "build_prompt", "LlavaProcessor",
            "SUPPORTED_EXTENSIONS", "CLIP_MEAN", "CLIP_STD", "PAD_COLOR", "IMAGE_TOKEN"]
 
 SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -81,8 +81,9 @@ def _fetch_url(url, timeout):
         raise ValueError(f"could not download image {url!r}: {reason}") from None
 
 
-def _decode_image(stream, name):
-    """Decode an image file or byte stream fully (a truncated file fails here, not later in resizing).
+def decode_image(stream, name):
+    """Decode an image file or byte stream fully (a truncated file fails here, not later in resizing); `name`
+    (a path, a URL, "request image 2") is what an error message calls it.
 
     Returns:
         PIL.Image.Image, RGB, EXIF orientation applied.
@@ -113,7 +114,7 @@ def load_image(source, timeout=URL_TIMEOUT_SECONDS):
     if isinstance(source, Image.Image):
         return to_rgb(source)
     if is_url(source):
-        return _decode_image(io.BytesIO(_fetch_url(source, timeout)), source)
+        return decode_image(io.BytesIO(_fetch_url(source, timeout)), source)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"an image must be a PIL image, a path or an http(s) URL, got {type(source).__name__}")
     path = os.fspath(source)
@@ -123,7 +124,7 @@ def load_image(source, timeout=URL_TIMEOUT_SECONDS):
     if extension not in SUPPORTED_EXTENSIONS:
         raise ValueError(f"image file {path!r} has an unsupported extension {extension or '(none)'!r}; "
                          f"supported: {', '.join(SUPPORTED_EXTENSIONS)}")
-    return _decode_image(path, path)
+    return decode_image(path, path)
 
 
 def expand_to_square(image, pad_color=PAD_COLOR):
