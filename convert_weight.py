@@ -1,18 +1,25 @@
-"""Convert HuggingFace LLaVA-1.5 safetensors weights into a MindSpore `.ckpt` for llava-ms.
+"""Convert HuggingFace LLaVA-1.5 safetensors weights into a llava-ms checkpoint: a MindSpore `.ckpt`, or
+MindSpore-loadable safetensors (the format MindFormers 1.6+ uses).
 
 Usage::
 
     python convert_weight.py --model llava --input_path HF_DIR --output_path OUT.ckpt \
-        [--dtype float16|bfloat16|float32] [--model_parallel N] [--verbose]
+        [--format ckpt|safetensors] [--dtype float16|bfloat16|float32] [--model_parallel N] [--verbose]
+
+`run_mindformer.py --load_checkpoint` also loads an HF folder as it is; converting is for a file in one piece
+(e.g. to move it to Ascend machines) or per-rank shards written once for many runs.
 
 `HF_DIR` holds `model.safetensors`, or shards `model-*.safetensors` with or without
 `model.safetensors.index.json` (a single `.safetensors` file may be given instead of a directory), and
 normally `config.json`. All three spellings of the tensor names are accepted: the hub files
 (`language_model.model.*`), transformers 4.5x `state_dict()` (`model.language_model.*`) and transformers v5
-saves (`vision_tower.*` without `vision_model.`).
+saves (`vision_tower.*` without `vision_model.`). Every safetensors header is checked by the `safetensors`
+package. Our layout is HF's (research/llava/llava_layout.py), so tensors are renamed, not rearranged (the patch
+embedding's conv weight becomes the linear map it is).
 
 `--dtype` defaults to keeping each source tensor's dtype (the hub weights are float16, so they stay float16);
-give it to cast every tensor.
+give it to cast every tensor. The output records the layout version and the model's architecture, so
+`run_mindformer.py` takes the model's sizes from it.
 
 Without `config.json` the sizes are inferred from the tensor shapes; what shapes cannot tell falls back to
 LLaVA-1.5-7B: `vision_feature_layer=-2`, `image_token_id=32000`, attention heads from a head size of 64
@@ -20,21 +27,19 @@ LLaVA-1.5-7B: `vision_feature_layer=-2`, `image_token_id=32000`, attention heads
 decides which vision layers are stored).
 
 `--model_parallel N` (N > 1) writes the per-rank checkpoints of N-way tensor parallelism instead of one
-file: `--output_path` is then a directory and gets `rank_K/llava.ckpt` for K = 0 .. N-1 (the layout
-`run_mindformer.py --load_checkpoint DIR` loads directly; which axis each tensor is split along is in
-research/llava/llava_sharding.py). The input is still read once, each rank's slice of every tensor going
-to its own file. N must divide every split dimension and (when config.json gives them) the head counts;
-that is checked before anything is written.
+file: `--output_path` is then a directory and gets `rank_K/llava.ckpt` (or `.safetensors`) for K = 0 .. N-1
+(the layout `run_mindformer.py --load_checkpoint DIR` loads directly). The input is still read once, each
+rank's slice of every tensor going to its own file. N must divide every split dimension and (when config.json
+gives them) the head counts; that is checked before anything is written.
 
 Tensors LLaVA never uses are skipped on purpose: the vision `post_layernorm`, the vision layers after
 `vision_feature_layer` (layer 24 of 24 for the 7B), and rotary `inv_freq` / `position_ids` buffers. Any
-other name is an error, as are wrong shapes and missing tensors; all of it is checked from the safetensors
-headers before anything is written.
+other name is an error, as are wrong shapes, missing tensors and non-finite values; names and shapes are checked
+from the headers before anything is written.
 
-The conversion streams: each tensor is read on its own with plain file reads, converted (transposed where
-our layout needs it, see research/llava/llava_layout.py) and appended to the output straight from the array, so
-memory holds at most two copies of the largest tensor on top of what importing MindSpore/mindformers costs
-(the 7B figures are in bench/RESULTS.md). The output appears only when complete (temporary file + rename): after an error, Ctrl-C or
+The conversion streams: each tensor is read on its own and appended to the output straight from the array, so
+memory holds about one tensor on top of what importing MindSpore/mindformers costs (the 7B figures are in
+bench/RESULTS.md). The output appears only when complete (temporary file + rename): after an error, Ctrl-C or
 SIGTERM nothing new is left at the output path (an earlier file there is kept as it was).
 
 A progress bar (tensors and bytes) goes to stderr when stderr is a terminal or with --verbose. Errors are
@@ -44,138 +49,22 @@ skipped, mindformers' import messages and tracebacks.
 """
 import argparse
 import contextlib
-import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "research", "llava"))
-from llava_checkpoint import CheckpointError, CheckpointWriter, check_complete, check_tensor  # noqa: E402
-from llava_layout import (HF_TEXT_LAYER, checkpoint_layout, hf_vision_layer, our_name, shard,  # noqa: E402
-                          split_hf_name, stored_from_hf, stored_shape_from_hf)
-from llava_sharding import RANK_DIR, sharded_layout  # noqa: E402
+from llava_checkpoint import CheckpointError, CheckpointWriter, SafetensorsWriter  # noqa: E402
+from llava_layout import (HF_TEXT_LAYER, hf_vision_layer, shard, shard_shape, stored_from_hf,  # noqa: E402
+                          stored_shape_from_hf)
 
 logger = logging.getLogger("convert_weight")
-
-# ---------------------------------------------------------------------------------------------------------
-# A minimal safetensors reader.
-#
-# The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, data_offsets)
-# and the raw little-endian tensor bytes. Reading it by hand avoids torch (numpy cannot hold bfloat16, so
-# safetensors' numpy loader refuses bf16 files) and lets each tensor be read with one plain `readinto`:
-# unlike a memory map, the page cache it goes through is not counted in (or kept in) this process' memory.
-# ---------------------------------------------------------------------------------------------------------
-
-# safetensors dtype -> numpy dtype the raw bytes are read as (bfloat16 as its uint16 bit patterns).
-_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
-_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class SourceTensor:
-    """One tensor of a safetensors file: where its bytes are, not the bytes themselves."""
-
-    name: str
-    path: str
-    dtype: str  # safetensors code: F32, F16 or BF16
-    shape: tuple
-    offset: int  # absolute position of the first byte in the file
-    nbytes: int
-
-
-def read_safetensors_header(path):
-    """List the tensors of one safetensors file, checking the header against the file size."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as stream:
-        prefix = stream.read(8)
-        header_bytes = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if not 0 < header_bytes <= min(_MAX_HEADER_BYTES, size - 8):
-            raise CheckpointError(f"{path} is not a safetensors file (bad header length)")
-        try:
-            header = json.loads(stream.read(header_bytes))
-        except ValueError as error:
-            raise CheckpointError(f"{path} is not a safetensors file (header is not JSON)") from error
-    data_start = 8 + header_bytes
-    tensors = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype, shape = entry.get("dtype"), tuple(entry.get("shape", ()))
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; only F32, F16 and BF16 are supported")
-        begin, end = entry["data_offsets"]
-        expected = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
-        if end - begin != expected or data_start + end > size:
-            raise CheckpointError(f"{path}: tensor {name!r} {list(shape)} {dtype} does not fit its byte range "
-                                  f"{begin}..{end}: the file is truncated or corrupt")
-        tensors.append(SourceTensor(name, path, dtype, shape, data_start + begin, end - begin))
-    return tensors
-
-
-def read_tensor(stream, tensor):
-    """Read one tensor from an open (unbuffered) file; bfloat16 comes back as float32 (exact)."""
-    buffer = np.empty(tensor.nbytes, dtype=np.uint8)
-    view, done = memoryview(buffer), 0
-    stream.seek(tensor.offset)
-    while done < tensor.nbytes:  # a single read() is capped at ~2 GB on Linux, so loop
-        count = stream.readinto(view[done:])
-        if not count:
-            raise CheckpointError(f"{tensor.path}: tensor {tensor.name!r} ends early: the file is truncated")
-        done += count
-    _drop_from_page_cache(stream, tensor)
-    array = buffer.view(_SAFETENSORS_DTYPES[tensor.dtype]).reshape(tensor.shape)
-    if tensor.dtype == "BF16":  # bfloat16 is the top half of a float32
-        array = (array.astype(np.uint32) << 16).view(np.float32)
-    return array
-
-
-def _drop_from_page_cache(stream, tensor):
-    """Tell the kernel these bytes will not be read again, so 14 GB of shards do not crowd the page cache
-    (which the output being written, and other processes, can use better)."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(stream.fileno(), tensor.offset, tensor.nbytes, os.POSIX_FADV_DONTNEED)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Finding the input files.
-# ---------------------------------------------------------------------------------------------------------
-
-def find_safetensors(input_path):
-    """The safetensors files of a checkpoint: the index's shards, `model.safetensors`, or every shard."""
-    if os.path.isfile(input_path):
-        if not input_path.endswith(".safetensors"):
-            raise CheckpointError(f"{input_path} is not a .safetensors file or a directory")
-        return [input_path]
-    if not os.path.isdir(input_path):
-        raise CheckpointError(f"input path not found: {input_path}")
-    index_path = os.path.join(input_path, "model.safetensors.index.json")
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f).get("weight_map") or {}
-        files = [os.path.join(input_path, name) for name in sorted(set(weight_map.values()))]
-        for path in files:
-            if not os.path.isfile(path):
-                raise CheckpointError(f"{index_path} lists shard {os.path.basename(path)}, which is missing")
-        if files:
-            return files
-    single = os.path.join(input_path, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    files = sorted(os.path.join(input_path, name) for name in os.listdir(input_path)
-                   if name.endswith(".safetensors"))
-    if not files:
-        raise CheckpointError(f"no .safetensors files in {input_path}")
-    return files
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The model config: from config.json, or inferred from the tensor shapes.
@@ -215,22 +104,11 @@ def config_from_shapes(shapes):
     return LlavaConfig(vision_config=drop_unknown(vision), text_config=drop_unknown(text))
 
 
-def load_config(input_path, shapes):
-    """(LlavaConfig, where it came from) for the checkpoint at `input_path`."""
-    from llava_config import config_from_hf
-    directory = input_path if os.path.isdir(input_path) else os.path.dirname(os.path.abspath(input_path))
-    config_path = os.path.join(directory, "config.json")
-    if os.path.isfile(config_path):
-        with open(config_path) as f:
-            try:
-                hf = json.load(f)
-            except ValueError as error:
-                raise CheckpointError(f"{config_path} is not valid JSON: {error}") from error
-        try:
-            return config_from_hf(hf), config_path
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"{config_path}: {error}") from error
-    return config_from_shapes(shapes), "inferred from tensor shapes (no config.json)"
+def source_config(folder):
+    """(LlavaConfig, where it came from) of an HF checkpoint (llava_weights.HFFolder)."""
+    if folder.hf_config is not None:
+        return folder.config(), folder.config_path
+    return config_from_shapes(folder.shapes()), "inferred from tensor shapes (no config.json)"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,17 +116,19 @@ def load_config(input_path, shapes):
 # ---------------------------------------------------------------------------------------------------------
 
 _OUTPUT_DTYPES = (None, "float16", "bfloat16", "float32")
+FORMATS = {"ckpt": ".ckpt", "safetensors": ".safetensors"}
 # What the converted arrays hold before the writer. For bfloat16 they keep the source's dtype (float16, or
 # float32 for float32 and bfloat16 sources): the writer rounds them slice by slice, and casting a float16
 # tensor to float32 first would double the largest copy in memory.
 _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
+_SOURCE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 @dataclass
 class ConversionSummary:
     """What a conversion did."""
 
-    output_path: str  # the .ckpt, or with model_parallel > 1 the directory holding rank_K/llava.ckpt
+    output_path: str  # the file, or with model_parallel > 1 the directory holding rank_K/llava.<format>
     config: object  # the LlavaConfig the checkpoint was checked against
     config_source: str
     source_files: list
@@ -259,117 +139,91 @@ class ConversionSummary:
     dtype: str = None  # requested output dtype; None kept the source dtypes
     seconds: float = 0.0
     model_parallel: int = 1
-    output_files: list = field(default_factory=list)  # one .ckpt per rank (one in all without parallelism)
+    output_files: list = field(default_factory=list)  # one file per rank (one in all without parallelism)
 
 
-@dataclass(frozen=True)
-class _Planned:
-    """One output tensor: our name and its source."""
-
-    name: str
-    source: SourceTensor
-
-
-def plan_conversion(input_path):
-    """Read every header, build the config and check names and shapes before any tensor is read.
-
-    Returns (plan in output order, config, config source, skipped, files).
-    """
-    files = find_safetensors(input_path)
-    sources = [tensor for path in files for tensor in read_safetensors_header(path)]
-    split = {}
-    for tensor in sources:
-        part, local = split_hf_name(tensor.name)
-        if part is None:
-            raise CheckpointError(f"{os.path.basename(tensor.path)}: unexpected tensor {tensor.name!r}: "
-                                  "not a LLaVA vision tower, projector or language model name")
-        split[tensor.name] = (part, local)
-    config, config_source = load_config(input_path, {split[t.name]: t.shape for t in sources})
-    layout = checkpoint_layout(config)
-    num_vision_layers = config.vision_config.num_computed_layers
-
-    planned, skipped = {}, {}
-    for tensor in sources:
-        name, reason = our_name(*split[tensor.name], num_vision_layers)
-        if name is None:
-            skipped[tensor.name] = reason
-            continue
-        where = f"{os.path.basename(tensor.path)}: {tensor.name!r} {list(tensor.shape)}"
-        if name not in layout:
-            raise CheckpointError(f"{where}: unexpected tensor (would be {name!r}, which the model does not have)")
-        if name in planned:
-            raise CheckpointError(f"{where}: duplicate tensor, {planned[name].source.name!r} in "
-                                  f"{os.path.basename(planned[name].source.path)} is also {name!r}")
-        check_tensor(name, stored_shape_from_hf(name, tensor.shape), layout, f"{where} converted")
-        planned[name] = _Planned(name, tensor)
-    check_complete(planned, layout, input_path)
-    # Output in the model's own order: the same weights give the same file whatever the input's sharding.
-    return [planned[name] for name in layout], config, config_source, skipped, files
-
-
-def convert_llava(input_path, output_path, dtype=None, progress=True, model_parallel=1):
-    """Convert an HF LLaVA-1.5 safetensors checkpoint at `input_path` into a `.ckpt` at `output_path`.
+def convert_llava(input_path, output_path, dtype=None, progress=True, model_parallel=1, fmt="ckpt"):
+    """Convert an HF LLaVA-1.5 safetensors checkpoint at `input_path` into a llava-ms checkpoint.
 
     Args:
         input_path: directory with `model.safetensors` or shards (+ index), and normally `config.json`;
             or one `.safetensors` file.
-        output_path: the `.ckpt` to write; replaced atomically, untouched when the conversion fails. With
-            `model_parallel` > 1, a directory that gets `rank_K/llava.ckpt` for each rank K (each file
+        output_path: the file to write; replaced atomically, untouched when the conversion fails. With
+            `model_parallel` > 1, a directory that gets `rank_K/llava.<fmt>` for each rank K (each file
             replaced atomically; a conversion that fails leaves no new file or directory).
         dtype: "float16", "bfloat16", "float32", or None to keep each source tensor's dtype.
         progress: show a progress bar on stderr.
         model_parallel: write the N per-rank shards of N-way tensor parallelism (1: one full checkpoint).
+        fmt: "ckpt" (MindSpore's protobuf checkpoint) or "safetensors" (what mindspore.load_checkpoint reads with
+            format="safetensors").
 
     Returns:
         ConversionSummary. Raises CheckpointError (a ValueError) naming the tensor or file at fault.
     """
+    from llava_weights import HFFolder, RANK_DIR, check_finite, metadata_of, sharded_layout
+
     if dtype not in _OUTPUT_DTYPES:
         raise ValueError(f"dtype must be one of float16, bfloat16, float32 or None, got {dtype!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not isinstance(model_parallel, int) or model_parallel < 1:
         raise ValueError(f"model_parallel must be a positive integer, got {model_parallel!r}")
     if model_parallel == 1 and os.path.isdir(output_path):
-        raise CheckpointError(f"output path {output_path} is a directory; give a .ckpt file name")
+        raise CheckpointError(f"output path {output_path} is a directory; give a {FORMATS[fmt]} file name")
     if model_parallel > 1 and os.path.exists(output_path) and not os.path.isdir(output_path):
         raise CheckpointError(f"output path {output_path} is a file; with model_parallel={model_parallel} give "
-                              "a directory (rank_K/llava.ckpt are written in it)")
+                              f"a directory (rank_K/llava{FORMATS[fmt]} are written in it)")
+    if not os.path.exists(input_path):
+        raise CheckpointError(f"input path not found: {input_path}")
+    if os.path.isfile(input_path) and not input_path.endswith(".safetensors"):
+        raise CheckpointError(f"{input_path} is not a .safetensors file or a directory")
     started = time.monotonic()
-    plan, config, config_source, skipped, files = plan_conversion(input_path)
+    folder = HFFolder(input_path)
+    config, config_source = source_config(folder)
+    plan, skipped = folder.plan(config)
     logger.debug("config: %s", config_source)
     for name, reason in skipped.items():
         logger.debug("skipped %s: %s", name, reason)
     if model_parallel > 1:
-        outputs = [os.path.join(output_path, RANK_DIR.format(rank), "llava.ckpt") for rank in range(model_parallel)]
+        outputs = [os.path.join(output_path, RANK_DIR.format(rank), "llava" + FORMATS[fmt])
+                   for rank in range(model_parallel)]
         try:  # head counts guessed from the shapes (no config.json) are not held against N
             sharded_layout(config, model_parallel, check_heads=config_source.endswith("config.json"))
         except ValueError as error:
             raise CheckpointError(f"cannot write {model_parallel} shards: {error}") from error
     else:
         outputs = [output_path]
+    files = [file.path for file in folder.files]
     summary = ConversionSummary(os.path.abspath(output_path), config, config_source, files, skipped=skipped,
                                 dtype=dtype, model_parallel=model_parallel,
                                 output_files=[os.path.abspath(path) for path in outputs])
-    total = sum(item.source.nbytes for item in plan)
+    out_dtypes = {name: dtype or _SOURCE_DTYPES[file.tensors[hf_name][0]] for name, file, hf_name in plan}
+    sizes = {name: file.tensors[hf_name][3] for name, file, hf_name in plan}
+    metadata = metadata_of(config)
     # Directories made here are removed again if the conversion fails (the writers remove their own files).
     new_directories = [] if model_parallel == 1 else [
         path for path in (*_missing_directories(output_path), *map(os.path.dirname, outputs))
         if not os.path.exists(path)]
     try:
         with contextlib.ExitStack() as stack:
-            # Unbuffered: each tensor is one large read straight into its array.
-            streams = {path: stack.enter_context(open(path, "rb", buffering=0)) for path in files}
-            bar = stack.enter_context(_ProgressBar(total, len(plan), progress))
-            writers = [stack.enter_context(CheckpointWriter(path)) for path in outputs]
-            for item in plan:
-                out_dtype = dtype or _DTYPE_NAMES[item.source.dtype]
-                # Read, convert (a transposed copy where the layout needs one) and write straight from the array.
-                array = read_tensor(streams[item.source.path], item.source)
-                array = stored_from_hf(item.name, array, _NUMPY_DTYPES[out_dtype])
+            bar = stack.enter_context(_ProgressBar(sum(sizes.values()), len(plan), progress))
+            # A safetensors header lists every tensor first: this rank's shape and dtype of each.
+            declared = [(name, shard_shape(name, stored_shape_from_hf(name, file.tensors[hf_name][1]), model_parallel),
+                         out_dtypes[name]) for name, file, hf_name in plan]
+            writers = [stack.enter_context(CheckpointWriter(path, metadata) if fmt == "ckpt" else
+                                           SafetensorsWriter(path, declared, metadata)) for path in outputs]
+            for name, file, hf_name in plan:
+                array = file.read(hf_name)
+                if array.dtype == np.uint16:  # bfloat16 bits: a float32 holds them exactly
+                    array = (array.astype(np.uint32) << 16).view(np.float32)
+                check_finite(name, array, os.path.basename(file.path))
+                array = stored_from_hf(name, array, _NUMPY_DTYPES[out_dtypes[name]])
                 for rank, writer in enumerate(writers):
-                    writer.write(item.name, shard(item.name, array, rank, model_parallel), out_dtype)
+                    writer.write(name, np.ascontiguousarray(shard(name, array, rank, model_parallel)), out_dtypes[name])
                 del array
                 summary.tensors_written += 1
-                summary.source_bytes += item.source.nbytes
-                bar.advance(item.source.nbytes)
+                summary.source_bytes += sizes[name]
+                bar.advance(sizes[name])
             summary.output_bytes = sum(writer.bytes_written for writer in writers)
     except BaseException:
         for directory in sorted(map(os.path.abspath, new_directories), key=len, reverse=True):  # deepest first
@@ -419,7 +273,7 @@ CONVERTERS = {"llava": convert_llava}
 
 
 def _import_config_module(verbose):
-    """Import llava_config (and with it mindformers) up front, silenced unless --verbose.
+    """Import llava_weights (and with it mindformers) up front, silenced unless --verbose.
 
     While being imported, mindformers logs warnings about optional modules to stdout and MindSpore prints
     deprecation notices to stderr; none of it concerns a conversion.
@@ -427,7 +281,7 @@ def _import_config_module(verbose):
     with contextlib.ExitStack() as stack:
         if not verbose:
             stack.enter_context(_silenced_output())
-        import llava_config  # noqa: F401
+        import llava_weights  # noqa: F401  (with it llava_config, mindformers and the CPU kernels)
 
 
 @contextlib.contextmanager
@@ -456,7 +310,9 @@ def parse_args(argv):
     parser.add_argument("--input_path", required=True,
                         help="HF checkpoint directory (safetensors + config.json) or one .safetensors file")
     parser.add_argument("--output_path", required=True,
-                        help="the .ckpt to write; with --model_parallel N > 1 a directory for rank_K/llava.ckpt")
+                        help="the file to write; with --model_parallel N > 1 a directory for rank_K/llava.<format>")
+    parser.add_argument("--format", choices=list(FORMATS), default="ckpt", dest="fmt",
+                        help="ckpt (MindSpore's checkpoint, default) or safetensors (MindSpore-loadable safetensors)")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                         help="cast every tensor to this dtype (default: keep the source dtypes)")
     parser.add_argument("--model_parallel", type=_positive_int, default=1, metavar="N",
@@ -501,7 +357,7 @@ def main(argv=None):
         _import_config_module(args.verbose)
         summary = CONVERTERS[args.model](args.input_path, args.output_path, args.dtype,
                                          progress=args.verbose or sys.stderr.isatty(),
-                                         model_parallel=args.model_parallel)
+                                         model_parallel=args.model_parallel, fmt=args.fmt)
     except KeyboardInterrupt:
         print("convert_weight: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -512,7 +368,8 @@ def main(argv=None):
         return 1
     written = summary.output_path
     if summary.model_parallel > 1:
-        written += f" ({RANK_DIR.format(0)} .. {RANK_DIR.format(summary.model_parallel - 1)}/llava.ckpt)"
+        written += (f" (rank_0 .. rank_{summary.model_parallel - 1}/"
+                    f"{os.path.basename(summary.output_files[0])})")
     logger.info("wrote %s: %d tensors, %.2f GB (%s), %d skipped, in %.1f s", written,
                 summary.tensors_written, summary.output_bytes / 1e9, summary.dtype or "source dtypes",
                 len(summary.skipped), summary.seconds)

@@ -180,24 +180,35 @@ def log_parameter_counts(model, log):
     log.info("rank %d/%d holds %d parameters, %d in the decoder layers", parallel.rank, parallel.size, total, decoder)
 
 
-def run_predict(config, examples, log):
-    from llava_generation import answer
-    from llava_runtime import build_components, set_up_context
-    from llava_sharding import load_model_weights
+def explicit_keys(args):
+    """The dotted keys the user set with --options: the run never changes them, only checks them."""
+    return {option.split("=", 1)[0] for option in args.options}
 
+
+def run_predict(config, examples, log, explicit=()):
+    from llava_generation import answer
+    from llava_runtime import build_components, follow_checkpoint, plan_cpu, set_up_context
+    from llava_weights import load_weights
+
+    if not config.get("load_checkpoint"):
+        raise ValueError("no checkpoint: pass --load_checkpoint (an HF folder, or a file from convert_weight.py)")
+    changes = follow_checkpoint(config, explicit)
+    if changes:
+        log.warning("model sizes from the checkpoint: %s", ", ".join(changes))
+    plan, plan_changed = plan_cpu(config, explicit)
+    if plan:
+        (log.warning if plan_changed else log.info)(plan)
     context = config.get("context") or {}
     output_dir = config.get("output_dir") or "./output"
     set_up_context(device_target=context.get("device_target", "CPU"), mode=context.get("mode", 1),
                    device_id=None if config.get("use_parallel") else context.get("device_id", 0),
                    max_device_memory=context.get("max_device_memory"))
     rank = set_up_parallel(config)
-    if not config.get("load_checkpoint"):
-        raise ValueError("no checkpoint: pass --load_checkpoint (a .ckpt file from convert_weight.py)")
     started = time.time()
     model, tokenizer, processor = build_components(config)
-    load_model_weights(model, config.load_checkpoint, auto_trans_ckpt=bool(config.get("auto_trans_ckpt")),
-                       save_shards_to=os.path.join(output_dir, "transformed_checkpoint"))
-    log.info("model built and checkpoint %s loaded in %.1f s", config.load_checkpoint, time.time() - started)
+    source = load_weights(model, config.load_checkpoint, auto_trans_ckpt=bool(config.get("auto_trans_ckpt")),
+                          save_shards_to=os.path.join(output_dir, "transformed_checkpoint"))
+    log.info("model built and %s loaded in %.1f s", source, time.time() - started)
     log_parameter_counts(model, log)
 
     batch_size = int(config.model.model_config.get("batch_size") or 1)
@@ -237,7 +248,7 @@ def main(argv=None):
         if run_mode != "predict":
             raise ValueError(f"run_mode {run_mode!r} is not supported; use predict or finetune")
         examples = predict_examples(args.predict_data, args.modal_type)
-        run_predict(config, examples, log)
+        run_predict(config, examples, log, explicit_keys(args))
     except (ValueError, TypeError, OSError, KeyError) as error:
         if args.verbose:
             traceback.print_exc()

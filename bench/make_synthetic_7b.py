@@ -1,8 +1,9 @@
-"""Write a synthetic, full-size llava-1.5-7b-hf checkpoint in the hub layout, for converter benchmarks.
+"""Write a synthetic, full-size llava-1.5-7b-hf checkpoint in the hub layout, for benchmarks.
 
 Every one of the 686 tensors of `llava-hf/llava-1.5-7b-hf` is written under its hub name and shape (taken
 from the reference key list), in float16, split over 3 shards with `model.safetensors.index.json` and a
-hub-like `config.json`: about 14 GB, exactly the sizes the converter meets with the real weights.
+hub-like `config.json`, `preprocessor_config.json` and LLaMA-2's `tokenizer.model`: about 14 GB, exactly the
+sizes and files a converter or `run_mindformer.py --load_checkpoint` meets with the real folder.
 
 The values are one small random block repeated, written tensor by tensor straight to disk, so the
 generator needs a few MB of memory and runs at disk speed. The values mean nothing; only sizes, names and
@@ -16,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -59,6 +61,15 @@ HUB_CONFIG = {
     "vision_feature_select_strategy": "default",
     "vocab_size": 32064,
 }
+# The hub's preprocessor_config.json (CLIPImageProcessor at 336 px).
+HUB_PREPROCESSOR = {
+    "crop_size": {"height": 336, "width": 336}, "do_center_crop": True, "do_convert_rgb": True, "do_normalize": True,
+    "do_rescale": True, "do_resize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_processor_type": "CLIPImageProcessor", "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "processor_class": "LlavaProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": 336},
+}
+DEFAULT_TOKENIZER = os.path.join(REPO, "tests", "data", "llama2_tokenizer.model")  # LLaMA-2's vocabulary
 
 
 def read_keys(path):
@@ -131,6 +142,9 @@ def main(argv=None):
         json.dump({"metadata": {"total_size": parameters * 2}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(args.output_dir, "config.json"), "w") as f:
         json.dump(HUB_CONFIG, f, indent=2)
+    with open(os.path.join(args.output_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(HUB_PREPROCESSOR, f, indent=2)
+    shutil.copyfile(DEFAULT_TOKENIZER, os.path.join(args.output_dir, "tokenizer.model"))
     print(f"{args.output_dir}: {len(keys)} tensors, {parameters:,} parameters, {total / 1e9:.2f} GB "
           f"in {time.monotonic() - started:.0f} s", file=sys.stderr)
 

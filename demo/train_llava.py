@@ -17,8 +17,8 @@ What the YAML decides:
 * `runner_config:` (epochs, batch size), `optimizer:` (MindFormers `AdamW`; weight decay on matrices only),
   `lr_schedule:` (MindFormers `CosineWithWarmUpLR`; `total_steps: -1` = all steps), `seed:` (initial weights
   and the whole run), `trainer:` (progress interval, gradient clipping, the held-out check after training,
-  and where and in which dtype the `.ckpt` is written, with `CheckpointWriter` so that
-  `load_checkpoint_into` and `run_mindformer.py --load_checkpoint` read it).
+  and where and in which dtype the `.ckpt` is written, with llava_weights.save_weights, so that
+  `run_mindformer.py --load_checkpoint` reads it).
 
 Each example is the single-turn prompt `USER: <image>\n{question} ASSISTANT:` followed by ` {answer}</s>`; the
 loss is the mean cross-entropy over the answer tokens and that EOS only. The training forward (`AnswerLoss`)
@@ -45,14 +45,14 @@ from mindspore import Tensor, nn, ops
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 import shapes_task
-from llava_checkpoint import CheckpointWriter, load_checkpoint_into
 from llava_generation import answer
 from llava_layout import linear_kind
 from llava_steps import causal_mask
 from llava_processor import build_prompt
 from llava_runtime import build_components, set_up_context
+from llava_weights import load_weights, save_weights
 
-__all__ = ["ShapesBatcher", "ShapesTaskDataset", "AnswerLoss", "build_optimizer", "save_checkpoint", "evaluate",
+__all__ = ["ShapesBatcher", "ShapesTaskDataset", "AnswerLoss", "build_optimizer", "evaluate",
            "run_finetune", "ShapesTaskTrainer"]
 
 
@@ -147,6 +147,7 @@ def initialize_weights(model, seed):
     """Fresh weights for training from scratch, at PyTorch's default scales: every linear weight
     ~ U(-1/sqrt(in), 1/sqrt(in)), token embeddings ~ N(0, 1); biases, norms, the class and position embeddings
     keep LlavaVlm's own initialization (see the module docstring for why not LlavaVlm's N(0, 0.02))."""
+    model.init_weights()  # LlavaVlm's own N(0, 0.02) first: the values the class and position embeddings keep
     rng = np.random.default_rng([seed, 1])
     for name, param in model.weights().items():
         kind = linear_kind(name)
@@ -154,11 +155,10 @@ def initialize_weights(model, seed):
             values = rng.standard_normal(param.shape)
         elif kind is None or not name.endswith(".weight"):
             continue
-        else:  # drawn as [in, out] whatever the storage, so a seed gives the same model in either layout
-            shape = tuple(reversed(param.shape)) if kind.transposed else tuple(param.shape)
-            bound = 1.0 / np.sqrt(shape[0])
-            values = rng.uniform(-bound, bound, shape)
-            values = values.T if kind.transposed else values
+        else:  # drawn as [in, out] and stored [out, in]: the values of the layout this recipe was trained in
+            in_features = param.shape[1]
+            bound = 1.0 / np.sqrt(in_features)
+            values = rng.uniform(-bound, bound, tuple(reversed(param.shape))).T
         param.set_data(Tensor(np.ascontiguousarray(values, np.float32)).astype(param.dtype))
 
 
@@ -246,14 +246,6 @@ def make_train_step(loss_net, optimizer, max_grad_norm):
     return step
 
 
-def save_checkpoint(model, path, dtype="float32"):
-    """Write every weight of `model` to `path` (atomic); returns the file size in bytes."""
-    with CheckpointWriter(path) as writer:
-        for name, param in model.weights().items():
-            writer.write(name, param.asnumpy(), dtype=dtype)
-    return os.path.getsize(path)
-
-
 # ----------------------------------------------------------------------------------------------- evaluation
 
 def evaluate(model, tokenizer, processor, examples, batch_size=16):
@@ -308,9 +300,10 @@ def run_finetune(config, log=print):
     log_interval = max(1, int(trainer.get("log_interval") or 25))
 
     started = time.time()
+    config.model.model_config.cpu_kernels = False  # llava-ms's CPU kernels have no gradient: MindSpore's MatMul
     model, tokenizer, processor = build_components(config, data["processor"])
     if config.get("load_checkpoint"):
-        load_checkpoint_into(model, config.load_checkpoint)
+        load_weights(model, config.load_checkpoint)
         log(f"initial weights from {config.load_checkpoint}")
     else:
         initialize_weights(model, seed)
@@ -347,7 +340,7 @@ def run_finetune(config, log=print):
                "train_seconds": train_seconds, "num_params": num_params}
     path = trainer.get("save_checkpoint") or os.path.join(config.get("output_dir") or "./output", "checkpoint",
                                                            "llava_tiny.ckpt")
-    size = save_checkpoint(model, path, trainer.get("save_dtype") or "float32")
+    size = save_weights(model, path, trainer.get("save_dtype") or "float32")
     summary.update(checkpoint=path, checkpoint_bytes=size)
     log(f"checkpoint written to {path} ({size / 1e6:.1f} MB); training took {train_seconds:.0f}s")
 

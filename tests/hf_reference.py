@@ -24,12 +24,15 @@ TINY_CONFIGS = {
 }
 
 
-def make_hf_llava(name="small", seed=0, vocab_size=VOCAB_SIZE, feature_strategy="default"):
+def make_hf_llava(name="small", seed=0, vocab_size=VOCAB_SIZE, feature_strategy="default", image_size=None):
     """A random tiny LLaVA-1.5 in fp32 with weights large enough that every block matters.
 
     feature_strategy: "default" (the class token's feature dropped, as LLaVA-1.5) or "full" (kept).
+    image_size: another input size than the spec's.
     """
     spec = TINY_CONFIGS[name]
+    if image_size is not None:
+        spec = dict(spec, vision=dict(spec["vision"], image_size=image_size))
     patches = (spec["vision"]["image_size"] // spec["vision"]["patch_size"]) ** 2
     torch.manual_seed(seed)
     config = LlavaConfig(

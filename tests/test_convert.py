@@ -1,4 +1,4 @@
-"""convert_weight.py: HF LLaVA-1.5 safetensors -> llava-ms `.ckpt`.
+"""convert_weight.py: HF LLaVA-1.5 safetensors -> a llava-ms `.ckpt` or safetensors file.
 
 Every converted tensor is compared exactly with the HF tensor transformed by rules written out here
 independently of the converter; the three naming layouts, single-file and sharded input, output dtypes,
@@ -23,10 +23,10 @@ import convert_weight
 from convert_weight import convert_llava, main
 from hf_reference import TINY_CONFIGS, VOCAB_SIZE, make_hf_llava, save_hf_checkpoint
 import llava_checkpoint
-from llava_checkpoint import CheckpointError, CheckpointWriter, iter_checkpoint
-from llava_config import config_from_hf
-from llava_layout import checkpoint_layout, transposed_copy
-from llava_config import LlavaConfig
+from llava_checkpoint import (METADATA_NAME, CheckpointError, CheckpointWriter, SafetensorsFile, checkpoint_metadata,
+                              iter_checkpoint)
+from llava_config import LlavaConfig, architecture, config_from_hf
+from llava_layout import LAYOUT_VERSION, checkpoint_layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUTS = ("hub", "in_memory", "v5")
@@ -43,12 +43,11 @@ def our_config(name):
                        text_config=dict(spec["text"], vocab_size=VOCAB_SIZE))
 
 
-_ROW_SPLIT = ("out_proj", "o_proj", "fc2", "down_proj")  # row-parallel linears: stored as HF's [out, in]
-_ROW_WEIGHTS = tuple(f".{module}.weight" for module in _ROW_SPLIT)
+_ROW_SPLIT = ("out_proj", "o_proj", "fc2", "down_proj")  # row-parallel linears
 
 
 def expected_tensors(hf_model, num_vision_layers):
-    """Our name -> float32 array: HF tensors renamed, unused ones dropped, Linear weights as [in, out]."""
+    """Our name -> float32 array: HF tensors renamed, unused ones dropped, the patch conv flattened."""
     expected = {}
     for name, tensor in hf_model.state_dict().items():
         array = tensor.detach().float().numpy()
@@ -65,10 +64,8 @@ def expected_tensors(hf_model, num_vision_layers):
         else:
             assert name == "lm_head.weight", name
             ours = name
-        if ours.endswith("patch_embedding.weight"):  # conv [Hv, 3, p, p] -> linear [3*p*p, Hv]
-            array = array.reshape(array.shape[0], -1).T
-        elif array.ndim == 2 and "embed" not in ours and not ours.endswith(_ROW_WEIGHTS):
-            array = array.T  # Linear [out, in] -> [in, out]; row-parallel linears keep [out, in]
+        if ours.endswith("patch_embedding.weight"):  # conv [Hv, 3, p, p] -> linear [Hv, 3*p*p]
+            array = array.reshape(array.shape[0], -1)
         expected[ours] = np.ascontiguousarray(array)
     return expected
 
@@ -124,6 +121,7 @@ def test_every_tensor_converted_exactly(hf_models, tmp_path, name, layout, shard
         assert value.dtype == np.float32, key  # the source dtype is kept
         np.testing.assert_array_equal(value, expected[key], err_msg=key)
     assert summary.tensors_written == len(layout_shapes)
+    assert checkpoint_metadata(output) == {"layout": LAYOUT_VERSION, "architecture": architecture(config)}
     # Skipped deliberately: post_layernorm and the vision layers after the feature layer.
     vision = config.vision_config
     assert len(summary.skipped) == 2 + 16 * (vision.num_hidden_layers - vision.num_computed_layers)
@@ -145,6 +143,7 @@ def test_mindspore_load_checkpoint_reads_the_output(hf_models, hub_dir, tmp_path
     convert_llava(hub_dir, output, progress=False)
     expected = expected_tensors(hf_models["small"], our_config("small").vision_config.num_computed_layers)
     loaded = ms.load_checkpoint(output)
+    assert loaded.pop(METADATA_NAME).dtype == ms.uint8  # the layout and architecture record
     assert loaded.keys() == expected.keys()
     for key, parameter in loaded.items():
         np.testing.assert_array_equal(parameter.asnumpy(), expected[key], err_msg=key)
@@ -237,7 +236,7 @@ def test_hub_config_json_gives_the_7b_config():
         4096, 32, 32, 11008, 32064)
     assert (vision.hidden_size, vision.num_computed_layers, vision.num_patches, config.image_token_id) == (
         1024, 23, 576, 32000)
-    assert checkpoint_layout(config)["lm_head.weight"] == (4096, 32064)
+    assert checkpoint_layout(config)["lm_head.weight"] == (32064, 4096)
     with pytest.raises(ValueError, match="several layers"):
         config_from_hf(dict(hub, vision_feature_layer=[-2, -5]))
 
@@ -283,8 +282,8 @@ def test_misshaped_tensor(hub_dir, tmp_path):
     name = "language_model.model.layers.0.self_attn.q_proj.weight"
     edit_safetensors(hub_dir, lambda tensors: tensors.update({name: torch.zeros(64, 32)}))
     message = convert_fails(hub_dir, tmp_path, re.escape(repr(name)))
-    # Names our parameter and gives both shapes (in our [in, out] layout, plus the HF shape).
-    assert "'language_model.layers.0.self_attn.q_proj.weight' has shape (32, 64)" in message
+    # Names our parameter and gives both shapes.
+    assert "'language_model.layers.0.self_attn.q_proj.weight' has shape (64, 32)" in message
     assert "expects (64, 64)" in message and "[64, 32]" in message
 
 
@@ -315,7 +314,16 @@ def test_truncated_safetensors(hub_dir, tmp_path):
     path = os.path.join(hub_dir, "model.safetensors")
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 100)
-    convert_fails(hub_dir, tmp_path, "truncated or corrupt")
+    convert_fails(hub_dir, tmp_path, "model.safetensors is not a readable safetensors file")
+
+
+def test_non_finite_weights_are_named(hub_dir, tmp_path):
+    name = "language_model.model.layers.1.self_attn.v_proj.weight"
+
+    def poison(tensors):
+        tensors[name][3, 5] = float("nan")
+    edit_safetensors(hub_dir, poison)
+    convert_fails(hub_dir, tmp_path, r"'language_model\.layers\.1\.self_attn\.v_proj\.weight' holds nan at \(3, 5\)")
 
 
 def test_unsupported_dtype_argument(hub_dir, tmp_path):
@@ -328,16 +336,16 @@ def test_unsupported_dtype_argument(hub_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 def fail_on_call(monkeypatch, call):
-    """Make convert_weight's tensor reader raise on its `call`-th use (a failure late in the conversion)."""
-    original, calls = convert_weight.read_tensor, []
+    """Make the safetensors reader raise on its `call`-th tensor (a failure late in the conversion)."""
+    original, calls = SafetensorsFile.read, []
 
-    def read_tensor(*args):
+    def read(*args):
         calls.append(1)
         if len(calls) == call:
             raise RuntimeError("disk gone")
         return original(*args)
 
-    monkeypatch.setattr(convert_weight, "read_tensor", read_tensor)
+    monkeypatch.setattr(SafetensorsFile, "read", read)
 
 
 def test_error_on_a_late_tensor_leaves_nothing(hub_dir, tmp_path, monkeypatch):
@@ -361,12 +369,14 @@ def test_failed_conversion_keeps_the_previous_output(hub_dir, tmp_path, monkeypa
 SLOW_CLI = """
 import sys, time
 sys.path.insert(0, {repo!r})
+sys.path.insert(0, {plugin!r})
 import convert_weight
-original = convert_weight.read_tensor
-def slow_read_tensor(*args):
+from llava_checkpoint import SafetensorsFile
+original = SafetensorsFile.read
+def slow_read(*args):
     time.sleep(0.2)
     return original(*args)
-convert_weight.read_tensor = slow_read_tensor
+SafetensorsFile.read = slow_read
 sys.exit(convert_weight.main(sys.argv[1:]))
 """
 
@@ -376,7 +386,8 @@ def test_signal_mid_conversion_leaves_nothing(hub_dir, tmp_path, signum):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_CLI.format(repo=REPO), "--model", "llava", "--input_path", hub_dir,
+        [sys.executable, "-c", SLOW_CLI.format(repo=REPO, plugin=os.path.join(REPO, "research", "llava")),
+         "--model", "llava", "--input_path", hub_dir,
          "--output_path", str(out_dir / "llava.ckpt")],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -438,16 +449,15 @@ def test_wrong_model_is_refused(tmp_path, capsys):
 # Per-rank shards (--model_parallel N): rank_K/llava.ckpt, checked against the full conversion.
 # ----------------------------------------------------------------------------------------------------------
 
-# Written out here, not taken from llava_sharding: column-parallel linears split their output axis (weights
-# are [in, out], so axis 1; biases axis 0), row-parallel ones their input axis (weights [out, in], so axis 1;
-# bias kept whole).
+# Written out here, not taken from llava_layout: weights are [out, in]; column-parallel linears split their
+# outputs (axis 0 of weight and bias), row-parallel ones their inputs (axis 1 of the weight; bias kept whole).
 _COLUMN_SPLIT = ("q_proj", "k_proj", "v_proj", "fc1", "gate_proj", "up_proj")
 
 
 def expected_split_axis(name):
     module, kind = name.split(".")[-2:]
     if module in _COLUMN_SPLIT:
-        return 1 if kind == "weight" else 0
+        return 0
     if module in _ROW_SPLIT and kind == "weight":
         return 1
     return None
@@ -497,7 +507,7 @@ def test_model_parallel_not_dividing_the_heads_writes_nothing(hub_dir, tmp_path)
 def test_model_parallel_not_dividing_a_dimension_names_the_tensor(hf_models, tmp_path):
     # wide: 6 heads divide by 3, the text MLP's 160 channels do not.
     source = save_hf_checkpoint(hf_models["wide"], str(tmp_path / "hf"))
-    with pytest.raises(CheckpointError, match=r"does not divide dimension 1 \(160\) of "
+    with pytest.raises(CheckpointError, match=r"does not divide dimension 0 \(160\) of "
                                               r"'language_model\.layers\.0\.mlp\.gate_proj\.weight'"):
         convert_llava(source, str(tmp_path / "shards"), progress=False, model_parallel=3)
     assert not os.path.exists(tmp_path / "shards")
@@ -573,10 +583,29 @@ def test_writer_records_are_protobufs_own_serialization(tmp_path, monkeypatch):
         assert name == read_name and np.array_equal(array, read)
 
 
-@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (1, 1), (33, 513), (1000, 77), (4097, 31)])
-def test_transposed_copy_covers_every_tile_and_band(shape):
-    """Blocked, multi-threaded transpose: ragged tiles at the edges and bands that do not divide the rows."""
-    array = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-    out = transposed_copy(array, np.float16)
-    assert out.flags.c_contiguous and out.shape == shape[::-1]
-    np.testing.assert_array_equal(out, array.T.astype(np.float16))
+@pytest.mark.parametrize("dtype", [None, "float16", "bfloat16"])
+def test_safetensors_output_loads_with_mindspore_and_matches_the_ckpt(hf_models, hub_dir, tmp_path, dtype):
+    """--format safetensors: MindSpore-loadable safetensors with the same tensors as the .ckpt, and the metadata."""
+    ckpt = read_back(convert_llava(hub_dir, str(tmp_path / "llava.ckpt"), dtype=dtype, progress=False).output_path)
+    output = str(tmp_path / "llava.safetensors")
+    convert_llava(hub_dir, output, dtype=dtype, progress=False, fmt="safetensors")
+    file = SafetensorsFile(output)
+    assert list(file.tensors) == list(ckpt)  # the model's order
+    assert file.llava_metadata() == {"layout": LAYOUT_VERSION, "architecture": architecture(our_config("small"))}
+    for name, value in ckpt.items():
+        read = file.read(name)
+        read = (read.astype(np.uint32) << 16).view(np.float32) if read.dtype == np.uint16 else read
+        np.testing.assert_array_equal(read, value, err_msg=name)
+    if dtype != "bfloat16":  # MindSpore's reader needs numpy bfloat16 for those
+        loaded = ms.load_checkpoint(output, format="safetensors")
+        assert loaded.keys() == ckpt.keys()
+        np.testing.assert_array_equal(loaded["lm_head.weight"].asnumpy(), ckpt["lm_head.weight"])
+
+
+def test_safetensors_shards_per_rank(hf_models, hub_dir, tmp_path):
+    summary = convert_llava(hub_dir, str(tmp_path / "shards"), progress=False, model_parallel=2, fmt="safetensors")
+    assert summary.output_files == [str(tmp_path / "shards" / f"rank_{k}" / "llava.safetensors") for k in range(2)]
+    full = read_back(convert_llava(hub_dir, str(tmp_path / "full.ckpt"), progress=False).output_path)
+    ranks = [SafetensorsFile(path) for path in summary.output_files]
+    name = "language_model.layers.0.mlp.gate_proj.weight"  # column-parallel: split on axis 0
+    np.testing.assert_array_equal(np.concatenate([rank.read(name) for rank in ranks], axis=0), full[name])

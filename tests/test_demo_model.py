@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import shapes_task
-from llava_checkpoint import load_checkpoint_into
+from llava_weights import load_weights
 from llava_runtime import build_components, set_up_context
 from run_mindformer import load_config, parse_args, register_plugin
 from conftest import PLUGIN, REPO, TINY
@@ -35,7 +35,7 @@ def bundled():
                        "--options", f"processor.tokenizer.vocab_file={os.path.join(TINY, 'tokenizer.model')}"])
     config = load_config(args)
     model, tokenizer, processor = build_components(config)
-    load_checkpoint_into(model, os.path.join(TINY, "llava_tiny.ckpt"))
+    load_weights(model, os.path.join(TINY, "llava_tiny.ckpt"))
     return model, tokenizer, processor
 
 

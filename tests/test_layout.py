@@ -9,34 +9,29 @@ from llava_layout import (PATCH_EMBEDDING, checkpoint_layout, our_name, shard, s
 RNG = np.random.default_rng(0)
 
 
-@pytest.mark.parametrize("name, transposed", [
-    ("language_model.layers.0.self_attn.q_proj.weight", True),   # column: stored [in, out]
-    ("vision_tower.layers.3.mlp.fc1.weight", True),
-    ("projector.linear_2.weight", True),                          # replicated: [in, out]
-    ("lm_head.weight", True),
-    ("language_model.layers.0.mlp.down_proj.weight", False),     # row: HF's [out, in]
-    ("vision_tower.layers.0.self_attn.out_proj.weight", False),
-    ("language_model.embed_tokens.weight", False),               # tables and vectors as HF has them
-    ("vision_tower.embeddings.position_embedding.weight", False),
+@pytest.mark.parametrize("name", [
+    "language_model.layers.0.self_attn.q_proj.weight", "vision_tower.layers.3.mlp.fc1.weight",
+    "projector.linear_2.weight", "lm_head.weight", "language_model.layers.0.mlp.down_proj.weight",
+    "vision_tower.layers.0.self_attn.out_proj.weight", "language_model.embed_tokens.weight",
+    "vision_tower.embeddings.position_embedding.weight",
 ])
-def test_hf_matrices_are_stored_in_the_tables_order(name, transposed):
+def test_hf_matrices_are_stored_as_hf_has_them(name):
     hf = RNG.standard_normal((6, 10)).astype(np.float16)
     stored = stored_from_hf(name, hf)
-    expected = hf.T if transposed else hf
-    assert stored.flags.c_contiguous and stored.shape == stored_shape_from_hf(name, hf.shape)
-    np.testing.assert_array_equal(stored, expected)
+    assert stored.flags.c_contiguous and stored.shape == stored_shape_from_hf(name, hf.shape) == (6, 10)
+    np.testing.assert_array_equal(stored, hf)
     assert stored_from_hf(name, hf, np.float32).dtype == np.float32
 
 
-def test_patch_embedding_is_the_flattened_conv_as_in_out():
+def test_patch_embedding_is_the_flattened_conv():
     hf = RNG.standard_normal((8, 3, 2, 2)).astype(np.float32)  # [hidden, channels, p, p]
     stored = stored_from_hf(PATCH_EMBEDDING, hf)
-    assert stored.shape == stored_shape_from_hf(PATCH_EMBEDDING, hf.shape) == (12, 8)
-    np.testing.assert_array_equal(stored[:, 5], hf[5].reshape(-1))  # (channel, row, col) order
+    assert stored.shape == stored_shape_from_hf(PATCH_EMBEDDING, hf.shape) == (8, 12)
+    np.testing.assert_array_equal(stored[5], hf[5].reshape(-1))  # (channel, row, col) order
 
 
 @pytest.mark.parametrize("name, axis", [
-    ("language_model.layers.1.self_attn.k_proj.weight", 1), ("vision_tower.layers.0.self_attn.q_proj.bias", 0),
+    ("language_model.layers.1.self_attn.k_proj.weight", 0), ("vision_tower.layers.0.self_attn.q_proj.bias", 0),
     ("language_model.layers.1.mlp.down_proj.weight", 1), ("vision_tower.layers.0.mlp.fc2.bias", None),
     ("projector.linear_1.weight", None), ("lm_head.weight", None), ("language_model.norm.weight", None),
 ])
@@ -46,11 +41,11 @@ def test_split_axes(name, axis):
 
 def test_column_shards_split_outputs_and_row_shards_split_inputs():
     x = RNG.standard_normal((3, 8)).astype(np.float32)
-    column = RNG.standard_normal((8, 6)).astype(np.float32)  # [in, out]
+    column = RNG.standard_normal((6, 8)).astype(np.float32)  # [out, in]
     row = RNG.standard_normal((8, 6)).astype(np.float32)     # [out, in]
     name_c, name_r = "layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight"
-    outputs = [x @ shard(name_c, column, rank, 2) for rank in range(2)]
-    np.testing.assert_allclose(np.concatenate(outputs, axis=1), x @ column, rtol=1e-6)
+    outputs = [x @ shard(name_c, column, rank, 2).T for rank in range(2)]
+    np.testing.assert_allclose(np.concatenate(outputs, axis=1), x @ column.T, rtol=1e-6)
     h = RNG.standard_normal((3, 6)).astype(np.float32)
     halves = [h[:, 3 * rank:3 * rank + 3] @ shard(name_r, row, rank, 2).T for rank in range(2)]
     np.testing.assert_allclose(sum(halves), h @ row.T, rtol=1e-5)  # partial sums, all-reduced

@@ -11,7 +11,7 @@ import mindspore as ms
 
 from convert_weight import convert_llava
 from hf_reference import IMAGE_TOKEN_ID, make_hf_llava, save_hf_checkpoint
-from llava_checkpoint import load_checkpoint_into
+from llava_weights import load_weights
 from llava_layout import checkpoint_layout
 from llava_config import LlavaConfig
 from llava_model import LlavaVlm
@@ -38,7 +38,7 @@ def converted_model(tmp_path_factory, name, layout, shards):
     checkpoint = str(directory / "llava.ckpt")
     convert_llava(str(directory / "hf"), checkpoint, progress=False)
     model = LlavaVlm(llava_config_from_hf(hf_model.config))
-    load_checkpoint_into(model, checkpoint)
+    load_weights(model, checkpoint)
     return hf_model, model
 
 
@@ -98,7 +98,7 @@ def test_full_feature_strategy_keeps_the_class_token_as_hf_does(tmp_path_factory
     save_hf_checkpoint(hf_model, str(directory / "hf"))
     convert_llava(str(directory / "hf"), str(directory / "llava.ckpt"), progress=False)
     model = LlavaVlm(llava_config_from_hf(hf_model.config))
-    load_checkpoint_into(model, str(directory / "llava.ckpt"))
+    load_weights(model, str(directory / "llava.ckpt"))
     assert model.num_image_features == 5  # 2 x 2 patches + the class token
     rng = np.random.default_rng(12)
     ids = random_prompt(rng, model.num_image_features, 3, 5)
@@ -247,7 +247,7 @@ def test_float16_compute_and_parameters_stay_close_to_float32(tmp_path_factory):
     save_hf_checkpoint(hf_model, str(directory / "hf"))
     convert_llava(str(directory / "hf"), str(directory / "llava.ckpt"), dtype="float16", progress=False)
     model = LlavaVlm(llava_config_from_hf(hf_model.config, compute_dtype="float16", param_init_type="float16"))
-    load_checkpoint_into(model, str(directory / "llava.ckpt"))
+    load_weights(model, str(directory / "llava.ckpt"))
     assert model.lm_head.weight.dtype == ms.float16
     assert model.language_model.norm.weight.dtype == ms.float32
     rng = np.random.default_rng(9)
@@ -272,7 +272,7 @@ def test_weights_loaded_after_a_generate_are_used(tmp_path_factory):
     pixels = random_image(rng, first)
     assert model.generate([ids], pixel_values=pixels, max_new_tokens=12)[0][len(ids):] == \
         hf_greedy(first, ids, pixels, 12)
-    load_checkpoint_into(model, str(directory / "llava.ckpt"))
+    load_weights(model, str(directory / "llava.ckpt"))
     assert model.generate([ids], pixel_values=pixels, max_new_tokens=12)[0][len(ids):] == \
         hf_greedy(second, ids, pixels, 12)
 

@@ -18,11 +18,11 @@ import textwrap
 import pytest
 
 from conftest import PLUGIN, REPO
-from convert_weight import convert_llava, load_config
+from convert_weight import convert_llava
 from llava_checkpoint import CheckpointError, iter_checkpoint
 from llava_layout import checkpoint_layout
 from llava_model import FLOAT32, CLIPSelfAttention, LlamaAttention, TensorParallel
-from llava_sharding import load_model_weights, rank_checkpoint, sharded_layout
+from llava_weights import HFFolder, WeightsFile, load_weights, rank_directory, sharded_layout
 from test_run_mindformer import QUESTION, hf_greedy_ids, setup  # noqa: F401  (setup: a fixture)
 
 LAUNCHER = os.path.join(REPO, "scripts", "msrun_launcher.sh")
@@ -72,7 +72,7 @@ def results(output_dir):
 def expected(setup):
     """HF greedy ids, and the single-card parameter counts from the checkpoint layout."""
     ids, _ = hf_greedy_ids(setup)
-    config, _ = load_config(str(setup["root"] / "hf"), {})
+    config = HFFolder(str(setup["root"] / "hf")).config()
     layout = checkpoint_layout(config)
     decoder = {name: math.prod(shape) for name, shape in layout.items() if name.startswith("language_model.layers.")}
     return {"ids": ids, "config": config, "total": sum(math.prod(shape) for shape in layout.values()),
@@ -163,15 +163,15 @@ def test_missing_rank_directory(setup, tmp_path):
     convert_llava(str(setup["root"] / "hf"), str(tmp_path / "sharded"), progress=False, model_parallel=2)
     os.rename(tmp_path / "sharded" / "rank_1", tmp_path / "elsewhere")
     with pytest.raises(CheckpointError, match="no directory rank_1 for rank 1"):
-        rank_checkpoint(str(tmp_path / "sharded"), 1)
+        rank_directory(str(tmp_path / "sharded"), 1)
     with pytest.raises(CheckpointError, match="no directory rank_1 for rank 1"):
-        load_model_weights(_RankOf(1), str(tmp_path / "sharded"))
-    assert rank_checkpoint(str(tmp_path / "sharded"), 0).endswith(os.path.join("rank_0", "llava.ckpt"))
+        load_weights(_RankOf(1), str(tmp_path / "sharded"))
+    assert WeightsFile(rank_directory(str(tmp_path / "sharded"), 0)).path.endswith(os.path.join("rank_0", "llava.ckpt"))
 
 
 def test_full_checkpoint_needs_auto_trans_ckpt(setup):
     with pytest.raises(CheckpointError, match=r"full checkpoint but model_parallel=2: pass --auto_trans_ckpt True"):
-        load_model_weights(_RankOf(0), setup["ckpt"], auto_trans_ckpt=False)
+        load_weights(_RankOf(0), setup["ckpt"], auto_trans_ckpt=False)
 
 
 def test_world_size_must_match_the_parallel_config(setup, tmp_path):
@@ -243,7 +243,7 @@ def test_sharded_directory_for_another_model_parallel_is_refused(tmp_path):
     from hf_reference import make_hf_llava
     from llava_checkpoint import CheckpointError
     from llava_model import LlavaVlm
-    from llava_sharding import load_model_weights
+    from llava_weights import load_weights
     from test_model import llava_config_from_hf
 
     for rank in range(2):
@@ -251,4 +251,4 @@ def test_sharded_directory_for_another_model_parallel_is_refused(tmp_path):
         (tmp_path / f"rank_{rank}" / "llava.ckpt").write_bytes(b"")
     model = LlavaVlm(llava_config_from_hf(make_hf_llava("small").config))
     with pytest.raises(CheckpointError, match="shards for 2 ranks but model_parallel is 1"):
-        load_model_weights(model, str(tmp_path))
+        load_weights(model, str(tmp_path))

@@ -3,6 +3,7 @@ the LLaMA-2 tokenizer; the generated ids equal HuggingFace greedy on the same pr
 one clear line."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -92,7 +93,9 @@ def test_predict_gives_hf_greedy_tokens(setup):
     assert rows[0]["image"] == setup["image"] and rows[0]["prompt"] == QUESTION
     assert rows[0]["text"] == tokenizer.decode(expected, skip_special_tokens=True).strip()
     assert rows[0]["text"] in result.stdout
-    assert result.stderr.strip() == ""  # quiet by default
+    # Quiet by default: one line says what runs on CPU (the 7B YAML compiles prompts, which CPU runs op by op).
+    assert result.stderr.strip().splitlines() == [line for line in result.stderr.splitlines() if line.startswith(
+        "CPU: weights float32, matmuls by llava-ms kernels")] and len(result.stderr.strip().splitlines()) == 1
     assert not os.path.exists(setup["root"] / "modules")  # MindFormers' module cache stays under output_dir
 
 
@@ -182,3 +185,75 @@ def test_seed_makes_sampling_reproducible(setup):
         runs.append(result_rows(setup)[0]["token_ids"])
     assert runs[0] == runs[1] and runs[0] != runs[2]
     assert runs[0] != hf_greedy_ids(setup)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# An HF folder as it is: the 7B YAML unchanged, the sizes, vocabulary and normalization from the folder.
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folder_224(tmp_path_factory):
+    """A tiny LLaVA at 224 px saved as an HF folder with LLaMA-2's tokenizer.model and a preprocessor config."""
+    root = tmp_path_factory.mktemp("hf224")
+    hf_model = make_hf_llava("small", seed=12, image_size=224)
+    folder = save_hf_checkpoint(hf_model, str(root / "llava-224"), shards=2)
+    shutil.copyfile(TOKENIZER, os.path.join(folder, "tokenizer.model"))
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump({"crop_size": {"height": 224, "width": 224}, "image_mean": [0.5, 0.5, 0.5],
+                   "image_std": [0.25, 0.25, 0.25], "size": {"shortest_edge": 224}}, f)
+    rng = np.random.default_rng(3)
+    Image.fromarray((rng.random((300, 260, 3)) * 255).astype(np.uint8)).save(root / "photo.png")
+    return {"root": root, "hf": hf_model, "folder": folder, "image": str(root / "photo.png")}
+
+
+def run_7b_yaml(folder_224, *extra):
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "run_mindformer.py"), "--config", YAML_7B, "--register_path",
+         os.path.join(REPO, "research", "llava"), "--predict_data", folder_224["image"], QUESTION,
+         "--modal_type", "image", "text", "--load_checkpoint", folder_224["folder"], "--device_target", "CPU",
+         "--output_dir", str(folder_224["root"] / "out"), *extra],
+        capture_output=True, text=True, cwd=str(folder_224["root"]), timeout=300)
+
+
+def test_hf_folder_with_the_7b_yaml(folder_224):
+    """Only --load_checkpoint: a 224-px model answers with HF's greedy tokens through the unchanged 7B YAML."""
+    result = run_7b_yaml(folder_224, "--options", f"model.model_config.max_new_tokens={NEW_TOKENS}")
+    assert result.returncode == 0, result.stderr
+    tokenizer = LlavaTokenizer(TOKENIZER)
+    features = (224 // 14) ** 2
+    processor = LlavaProcessor(tokenizer, num_image_features=features, image_size=224, image_mean=(0.5, 0.5, 0.5),
+                               image_std=(0.25, 0.25, 0.25))
+    inputs = processor([QUESTION], [folder_224["image"]])
+    ids = inputs["input_ids"][0]
+    with torch.no_grad():
+        out = folder_224["hf"].generate(input_ids=torch.tensor([ids]), pixel_values=torch.tensor(inputs["pixel_values"]),
+                                        max_new_tokens=NEW_TOKENS, do_sample=False)
+    with open(folder_224["root"] / "out" / "predict_results.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert rows[0]["token_ids"] == out[0, len(ids):].tolist()
+    # One line each says what changed from the YAML: the sizes, and the CPU plan.
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("model sizes from the checkpoint:") and "image_size 336 -> 224" in lines[0]
+    assert lines[1].startswith("CPU: weights float16, matmuls by llava-ms kernels")
+
+
+def test_an_explicit_size_that_contradicts_the_folder_is_refused(folder_224):
+    result = run_7b_yaml(folder_224, "--options", "model.model_config.vision_config.model_config.image_size=336")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "run_mindformer.py: error: --options model.model_config.vision_config.model_config.image_size=336 "
+        "contradicts the checkpoint, whose image_size is 224")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("config.json", "has no config.json: an HF checkpoint folder needs one"),
+    ("model-00002-of-00002.safetensors", "lists shard model-00002-of-00002.safetensors, which is missing"),
+])
+def test_bad_folders_are_one_line(folder_224, tmp_path, damage, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(folder_224["folder"], broken)
+    os.remove(broken / damage)
+    result = run_7b_yaml(dict(folder_224, folder=str(broken)))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr

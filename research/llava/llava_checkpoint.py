@@ -1,4 +1,4 @@
-"""LLaVA checkpoints: the parameter layout, and MindSpore `.ckpt` files read and written one tensor at a time.
+"""Checkpoint files, read and written one tensor at a time: MindSpore's `.ckpt` and safetensors.
 
 A MindSpore `.ckpt` is a protobuf `Checkpoint { repeated Value value = 1; }`. Concatenated serialized
 `Checkpoint` messages parse as one (repeated fields append), and MindSpore itself writes large tensors as
@@ -7,8 +7,16 @@ walk the file record by record: neither needs more than one tensor in memory, wh
 (14 GB of fp16) and a sharded load far below the machine's RAM. Files written here load with
 `mindspore.load_checkpoint` too.
 
-What each tensor holds and in which order it is stored: llava_layout.py.
+A safetensors file is an 8-byte header length, a JSON header (name -> dtype, shape, byte range) and the raw
+tensor bytes. Its header is checked by the `safetensors` package (which refuses truncated files, bad or
+overlapping byte ranges); the bytes are then read with plain file reads, bfloat16 included (the package's numpy
+reader has no bfloat16).
+
+Files written by llava-ms carry a metadata record: the layout version of llava_layout.py and the model's
+architecture (llava_config.architecture), so a checkpoint says what it holds. What each tensor holds and in
+which order it is stored: llava_layout.py.
 """
+import json
 import os
 import tempfile
 
@@ -26,12 +34,17 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit what was expected; the message names the tensor."""
 
 
+# The name of the metadata: a uint8 record of JSON as a `.ckpt`'s first tensor, a key of a safetensors header's
+# `__metadata__`.
+METADATA_NAME = "__llava__"
+
+
 # Values rounded to bfloat16 per slice: whole-tensor float32/uint32 temporaries would be several times the
 # size of a 7B embedding (263 MB in float16) and dominate a conversion's peak memory.
 _BFLOAT16_SLICE = 1 << 22
 
 
-def _float_to_bfloat16_bits(array):
+def float_to_bfloat16_bits(array):
     """float -> bfloat16 bit patterns (round to nearest even), as uint16 of the same shape."""
     flat = np.ascontiguousarray(array).reshape(-1)
     out = np.empty(flat.size, dtype=np.uint16)
@@ -69,35 +82,21 @@ def _record_header(name, shape, type_name, content_bytes):
     return _length_delimited(1, len(value_prefix) + content_bytes) + value_prefix  # Checkpoint.value = 1
 
 
-class CheckpointWriter:
-    """Appends tensors to a `.ckpt` one at a time; the file appears at `path` only when closed cleanly.
+class _AtomicFile:
+    """A file that appears at `path` only when closed cleanly (written as a hidden `.partial-*` file beside it,
+    then renamed). Use as a context manager: on an exception nothing is left at `path`."""
 
-    Use as a context manager: on an exception the temporary file is removed and nothing is left at `path`.
-    """
-
-    def __init__(self, path):
+    def __init__(self, path, suffix):
         self.path = os.path.abspath(path)
         directory = os.path.dirname(self.path)
         os.makedirs(directory, exist_ok=True)
-        handle, self._temp_path = tempfile.mkstemp(prefix=".partial-", suffix=".ckpt", dir=directory)
+        handle, self._temp_path = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=directory)
         self._file = os.fdopen(handle, "wb")
         self.bytes_written = 0
 
-    def write(self, name, array, dtype=None):
-        """Append `array` under `name`, cast to `dtype` ("float16", "bfloat16", "float32", or None: keep)."""
-        if dtype == "bfloat16":
-            content, type_name = _float_to_bfloat16_bits(array), "BFloat16"
-        else:
-            content = np.ascontiguousarray(array, dtype=np.dtype(dtype) if dtype else None)
-            type_name = _CKPT_TYPE_OF_NUMPY[content.dtype]
-        flat = content.reshape(-1)
-        step = max(1, _SLICE_BYTES // max(1, flat.itemsize))
-        for start in range(0, max(flat.size, 1), step):
-            piece = flat[start:start + step]
-            header = _record_header(name, array.shape, type_name, piece.nbytes)
-            self._file.write(header)
-            self._file.write(memoryview(piece).cast("B"))
-            self.bytes_written += len(header) + piece.nbytes
+    def _write(self, data):
+        self._file.write(data)
+        self.bytes_written += len(memoryview(data).cast("B"))
 
     def close(self):
         self._file.flush()
@@ -123,6 +122,127 @@ class CheckpointWriter:
         else:
             self.abort()
         return False
+
+
+def _stored(array, dtype):
+    """(contiguous content, dtype name) of `array` cast to `dtype` ("float16", "bfloat16", "float32" or None:
+    keep); bfloat16 content is its uint16 bit patterns."""
+    if dtype == "bfloat16":
+        return float_to_bfloat16_bits(array), "bfloat16"
+    content = np.ascontiguousarray(array, dtype=np.dtype(dtype) if dtype else None)
+    return content, content.dtype.name
+
+
+class CheckpointWriter(_AtomicFile):
+    """Appends tensors to a MindSpore `.ckpt` one at a time; `metadata` (a dict) is written first."""
+
+    def __init__(self, path, metadata=None):
+        super().__init__(path, ".ckpt")
+        if metadata is not None:
+            self.write(METADATA_NAME, np.frombuffer(json.dumps(metadata).encode(), np.uint8))
+
+    def write(self, name, array, dtype=None):
+        """Append `array` under `name`, cast to `dtype` ("float16", "bfloat16", "float32", or None: keep)."""
+        content, dtype_name = _stored(array, dtype)
+        type_name = "BFloat16" if dtype_name == "bfloat16" else _CKPT_TYPE_OF_NUMPY[content.dtype]
+        flat = content.reshape(-1)
+        step = max(1, _SLICE_BYTES // max(1, flat.itemsize))
+        for start in range(0, max(flat.size, 1), step):
+            piece = flat[start:start + step]
+            self._write(_record_header(name, array.shape, type_name, piece.nbytes))
+            self._write(piece)
+
+
+_SAFETENSORS_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_SAFETENSORS_NUMPY = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # BF16: its bits
+
+
+class SafetensorsWriter(_AtomicFile):
+    """Writes a safetensors file whose tensors are declared up front: `plan` is [(name, shape, dtype name)]
+    ("float32", "float16", "bfloat16") in file order; `write` then takes them in that order."""
+
+    def __init__(self, path, plan, metadata=None):
+        super().__init__(path, ".safetensors")
+        header, offset = {}, 0
+        if metadata is not None:
+            header["__metadata__"] = {METADATA_NAME: json.dumps(metadata)}
+        for name, shape, dtype in plan:
+            size = int(np.prod(shape, dtype=np.int64)) * _SAFETENSORS_NUMPY[_SAFETENSORS_TYPES[dtype]].itemsize
+            header[name] = {"dtype": _SAFETENSORS_TYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the tensor bytes start 8-byte aligned
+        self._write(len(encoded).to_bytes(8, "little") + encoded)
+        self._plan = list(plan)
+        self._next = 0
+
+    def write(self, name, array, dtype=None):
+        expected_name, shape, expected_dtype = self._plan[self._next]
+        content, dtype_name = _stored(array, dtype or expected_dtype)
+        if (name, tuple(array.shape), dtype_name) != (expected_name, tuple(shape), expected_dtype):
+            raise ValueError(f"{self.path}: wrote {name} {tuple(array.shape)} {dtype_name}, the header says "
+                             f"{expected_name} {tuple(shape)} {expected_dtype} comes next")
+        self._write(content)
+        self._next += 1
+
+    def close(self):
+        if self._next != len(self._plan):
+            self.abort()
+            raise ValueError(f"{self.path}: {len(self._plan) - self._next} declared tensors were not written")
+        super().close()
+
+
+class SafetensorsFile:
+    """One safetensors file: its header checked by the `safetensors` package, its tensors read one at a time."""
+
+    def __init__(self, path):
+        from safetensors import SafetensorError, safe_open  # pylint: disable=import-outside-toplevel
+
+        self.path = path
+        try:
+            with safe_open(path, framework="numpy") as validated:
+                names = list(validated.keys())
+                self.metadata = validated.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+        with open(path, "rb") as stream:  # the header the package has just accepted
+            header = json.loads(stream.read(int.from_bytes(stream.read(8), "little")))
+            self._data_start = stream.tell()
+        self.tensors = {}  # name -> (safetensors dtype, shape, first byte, byte count), in the file's order
+        for name in sorted(names, key=lambda key: header[key]["data_offsets"][0]):
+            entry = header[name]
+            if entry["dtype"] not in _SAFETENSORS_NUMPY:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']}; only F32, F16 and BF16 "
+                                      "are supported")
+            begin, end = entry["data_offsets"]
+            self.tensors[name] = (entry["dtype"], tuple(entry["shape"]), self._data_start + begin, end - begin)
+
+    def llava_metadata(self):
+        """The metadata llava-ms wrote into the file, or None."""
+        text = self.metadata.get(METADATA_NAME)
+        return None if text is None else json.loads(text)
+
+    def read(self, name, rows=None):
+        """Tensor `name` as numpy (bfloat16 as its uint16 bit patterns), or only rows `rows` (a slice of axis 0,
+        read alone: one contiguous range of the file)."""
+        dtype, shape, offset, nbytes = self.tensors[name]
+        numpy_type = _SAFETENSORS_NUMPY[dtype]
+        if rows is not None:
+            row_bytes = nbytes // shape[0]
+            start, stop, _ = rows.indices(shape[0])
+            offset, nbytes, shape = offset + start * row_bytes, (stop - start) * row_bytes, (stop - start, *shape[1:])
+        array = np.empty(nbytes // numpy_type.itemsize, numpy_type)
+        with open(self.path, "rb", buffering=0) as stream:
+            stream.seek(offset)
+            view, done = memoryview(array).cast("B"), 0
+            while done < nbytes:  # one read() is capped at ~2 GB on Linux
+                count = stream.readinto(view[done:])
+                if not count:
+                    raise CheckpointError(f"{self.path}: tensor {name!r} ends early: the file is truncated")
+                done += count
+            # The page cache need not keep what was just copied (14 GB of shards would crowd out what is used).
+            os.posix_fadvise(stream.fileno(), offset, nbytes, os.POSIX_FADV_DONTNEED)
+        return array.reshape(shape)
 
 
 def _read_varint(stream):
@@ -153,11 +273,8 @@ def _decode_tensor(tensor, chunks, path, name):
     return array.reshape(shape)
 
 
-def iter_checkpoint(path):
-    """Yield (name, numpy array) from a MindSpore `.ckpt`, one tensor in memory at a time.
-
-    bfloat16 tensors come back as float32 (numpy has no bfloat16).
-    """
+def _records(path):
+    """Yield every (name, numpy array) of a MindSpore `.ckpt`, one tensor in memory at a time."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
     pending_name, pending_tensor, chunks = None, None, []
@@ -188,6 +305,21 @@ def iter_checkpoint(path):
         yield pending_name, _decode_tensor(pending_tensor, chunks, path, pending_name)
 
 
+def iter_checkpoint(path):
+    """Yield (name, numpy array) from a MindSpore `.ckpt`, one tensor in memory at a time (llava-ms's metadata
+    record left out; bfloat16 tensors come back as float32, numpy has no bfloat16)."""
+    for name, array in _records(path):
+        if name != METADATA_NAME:
+            yield name, array
+
+
+def checkpoint_metadata(path):
+    """The metadata llava-ms wrote as the first record of a `.ckpt`, or None."""
+    for name, array in _records(path):
+        return json.loads(array.tobytes()) if name == METADATA_NAME else None
+    return None
+
+
 def _encode_varint(value):
     out = bytearray()
     while True:
@@ -212,43 +344,3 @@ def check_complete(seen, layout, source):
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{source}: missing tensor {missing[0]!r}{more}")
-
-
-def resolve_checkpoint_file(path):
-    """A `.ckpt` file, or a directory holding exactly one (the layout MindFormers writes)."""
-    if os.path.isdir(path):
-        files = sorted(name for name in os.listdir(path) if name.endswith(".ckpt"))
-        if len(files) != 1:
-            raise CheckpointError(f"{path}: expected one .ckpt file in the directory, found {len(files)}"
-                                  + (f" ({', '.join(files)})" if files else ""))
-        return os.path.join(path, files[0])
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    return path
-
-
-def load_checkpoint_into(model, path):
-    """Load a LLaVA `.ckpt` (file, or directory holding one) into `model`, one tensor at a time."""
-    path = resolve_checkpoint_file(path)
-    load_tensors_into(model, iter_checkpoint(path), path)
-    return path
-
-
-def load_tensors_into(model, tensors, source):
-    """Set `model`'s parameters from (name, numpy array) pairs, checking every name and shape.
-
-    Raises CheckpointError naming the first unexpected, mis-shaped or missing tensor of `source`. Values are
-    cast to each parameter's dtype (a float16 checkpoint loads into a float32 CPU model and back).
-    """
-    import mindspore as ms  # pylint: disable=import-outside-toplevel
-
-    parameters = model.weights()
-    layout = {name: tuple(param.shape) for name, param in parameters.items()}
-    seen = set()
-    for name, array in tensors:
-        check_tensor(name, array.shape, layout, source)
-        parameter = parameters[name]
-        # In place: graphs compiled before this load (set_data would swap the buffer under them) see it too.
-        ms.ops.assign(parameter, ms.Tensor(array).astype(parameter.dtype))
-        seen.add(name)
-    check_complete(seen, layout, source)

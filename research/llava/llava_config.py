@@ -83,6 +83,9 @@ class LlavaCLIPConfig(PretrainedConfig):
         return layer if layer >= 0 else self.num_hidden_layers + layer + 1
 
 
+_TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32001}  # LLaMA-2's, and llava-hf's <pad>
+
+
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
 class LlavaTextConfig(PretrainedConfig):
     """LLaMA decoder (defaults: LLaMA-2-7B / Vicuna-7B with llava-hf's 32064 vocabulary)."""
@@ -95,7 +98,7 @@ class LlavaTextConfig(PretrainedConfig):
 
     def __init__(self, **kwargs):
         own, rest = _take_own_values(_sub_config_values(kwargs), self.defaults, self.aliases)
-        for key, value in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 32001)):
+        for key, value in _TOKEN_IDS.items():
             rest.setdefault(key, value)
         head_dim = rest.pop("head_dim", None)
         super().__init__(**rest)
@@ -124,6 +127,9 @@ class LlavaConfig(PretrainedConfig):
         compute_dtype: matmul dtype ("float32" on CPU; "float16"/"bfloat16" on Ascend). Norms and
             softmax always run in float32.
         use_past: KV cache on (prefill once, then one token per step).
+        cpu_kernels: on CPU, run every linear through llava-ms's kernels (llava_kernels.py) when they are built:
+            float32 activations, weights read at their own width, bfloat16 arithmetic for prompts when the CPU
+            has it. False: MindSpore's MatMul in compute_dtype (the weights cast to it at every use).
         compile_prefill: compile the vision tower and the prompt prefill as graphs too (the decode step always
             is; see llava_steps.py). Off by default: on CPU MindSpore keeps every activation of a compiled graph
             allocated, which costs more memory than the faster prompt gains there (bench/RESULTS.md). The Ascend
@@ -138,7 +144,7 @@ class LlavaConfig(PretrainedConfig):
                  projector_hidden_act="gelu", seq_length=2048, batch_size=1, compute_dtype="float32",
                  param_init_type="float32", use_past=True, do_sample=False, top_k=0, top_p=1.0,
                  temperature=1.0, repetition_penalty=1.0, max_decode_length=1024, max_new_tokens=None,
-                 compile_prefill=False, model_parallel=1, **kwargs):
+                 compile_prefill=False, cpu_kernels=True, model_parallel=1, **kwargs):
         if not isinstance(vision_config, LlavaCLIPConfig):
             vision_config = LlavaCLIPConfig(**_sub_config_values(vision_config))
         if not isinstance(text_config, LlavaTextConfig):
@@ -165,6 +171,7 @@ class LlavaConfig(PretrainedConfig):
         self.max_decode_length = max_decode_length
         self.max_new_tokens = max_new_tokens
         self.compile_prefill = bool(compile_prefill)
+        self.cpu_kernels = bool(cpu_kernels)
         self.model_parallel = int(model_parallel)
 
     def to_dict(self):
@@ -203,3 +210,12 @@ def config_from_hf(hf, **settings):
     image_token_id = hf.get("image_token_index", hf.get("image_token_id", 32000))
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                        projector_hidden_act=hf.get("projector_hidden_act", "gelu"), **settings)
+
+
+def architecture(config):
+    """What a checkpoint's tensors are the weights of: every size and setting of the vision tower and the text
+    model, and the `<image>` id (nested like the YAML's model_config, with plain values). Checkpoints carry it
+    (an HF folder's config.json, convert_weight.py's metadata), and a YAML must agree with it."""
+    vision = {key: getattr(config.vision_config, key) for key in LlavaCLIPConfig.defaults}
+    text = {key: getattr(config.text_config, key) for key in (*LlavaTextConfig.defaults, *_TOKEN_IDS)}
+    return {"vision_config": vision, "text_config": text, "image_token_id": config.image_token_id}

@@ -164,6 +164,10 @@ class LlavaGenerationMixin:
             list of B lists: each prompt followed by its generated ids (EOS included when reached).
         """
         settings = GenerationSettings.resolve(self.config, generation_config, **kwargs)
+        unset = [name for name, parameter in self.weights().items() if parameter.is_meta]
+        if unset:
+            raise ValueError(f"the model has no weights yet ({unset[0]} and {len(unset) - 1} more): load a checkpoint "
+                             "(llava_weights.load_weights) or call init_weights()")
         history = prompt_rows(input_ids, settings.pad_token_id)
         if min(map(len, history)) < 1:
             raise ValueError("every prompt needs at least one token")

@@ -1,58 +1,57 @@
 """Where every weight of LlavaVlm lives and how it is stored: the one table that the model, the checkpoint
 files, tensor-parallel sharding, the converter and weight initialisation all read.
 
-Every linear layer is one of three kinds (Megatron-style tensor parallelism, see `Linear` in llava_model.py):
+Every linear weight is stored [out_features, in_features], HuggingFace's order (and MindFormers', and what the
+CPU kernels of llava_kernels.py read: one contiguous row per output), so a HuggingFace tensor needs no
+transpose. Each linear is one of three kinds (Megatron-style tensor parallelism, see `Linear` in
+llava_model.py):
 
-    kind        layers                                    stored      split across ranks
-    column      q/k/v_proj, fc1, gate_proj, up_proj       [in, out]   weight axis 1 (outputs), bias axis 0
-    row         out_proj, o_proj, fc2, down_proj          [out, in]   weight axis 1 (inputs), bias whole
-    replicated  patch_embedding, linear_1/2, lm_head      [in, out]   not split
+    kind        layers                                    split across ranks
+    column      q/k/v_proj, fc1, gate_proj, up_proj       weight axis 0 (outputs), bias axis 0
+    row         out_proj, o_proj, fc2, down_proj          weight axis 1 (inputs), bias whole
+    replicated  patch_embedding, linear_1/2, lm_head      not split
 
-The storage order is whichever the CPU matmul reads fastest for one decode token (bench/RESULTS.md, "What
-changed"); HuggingFace stores every linear [out, in], so the converter transposes the column and replicated
-ones. A row-parallel bias is added once, after the partial sums are all-reduced, so every rank holds all of it.
+A row-parallel bias is added once, after the partial sums are all-reduced, so every rank holds all of it.
 Everything that is not a linear (norms, embedding tables, the class and position embeddings) is replicated and
 stored as HuggingFace stores it, except the patch embedding: HF's conv weight [hidden, channels, p, p] is
-stored as the linear map [channels*p*p, hidden] it is.
+stored as the linear map [hidden, channels*p*p] it is.
+
+Checkpoints written by llava-ms carry LAYOUT_VERSION (llava_checkpoint.py); files from before this order
+(linear weights once stored [in, out] for a CPU matmul that the kernels have replaced) are refused.
 """
-import math
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+LAYOUT_VERSION = 2  # 1: column and replicated linears stored [in, out] (up to 2026-11); 2: every linear [out, in]
 
 # --------------------------------------------------------------------------------------------- linear kinds
 
 
 @dataclass(frozen=True)
 class LinearKind:
-    """How one kind of linear layer is split across model-parallel ranks and stored."""
+    """How one kind of linear layer is split across model-parallel ranks."""
 
     parallel: str  # "column", "row" or "replicated"
-    transposed: bool  # weight stored [out, in] (HF's order) instead of [in, out]
 
-    def weight_shape(self, in_features, out_features):
-        return (out_features, in_features) if self.transposed else (in_features, out_features)
+    @staticmethod
+    def weight_shape(in_features, out_features):
+        return (out_features, in_features)
 
     @property
     def weight_split_axis(self):
         """Axis of the stored weight split across ranks (None: every rank holds all of it)."""
-        if self.parallel == "column":
-            return 0 if self.transposed else 1  # the outputs
-        if self.parallel == "row":
-            return 1 if self.transposed else 0  # the inputs
-        return None
+        return {"column": 0, "row": 1}.get(self.parallel)
 
     @property
     def bias_split_axis(self):
         return 0 if self.parallel == "column" else None
 
 
-COLUMN = LinearKind("column", transposed=False)
-ROW = LinearKind("row", transposed=True)
-REPLICATED = LinearKind("replicated", transposed=False)
+COLUMN = LinearKind("column")
+ROW = LinearKind("row")
+REPLICATED = LinearKind("replicated")
 
 LINEARS = {
     # CLIP vision tower (q/k/v are named as in the text model)
@@ -79,12 +78,6 @@ def split_axis(parameter_name):
     if kind is None:
         return None
     return kind.weight_split_axis if parameter_name.endswith(".weight") else kind.bias_split_axis
-
-
-def stored_transposed_from_hf(parameter_name):
-    """True when our stored weight is the transpose of HF's [out, in] (column and replicated linears)."""
-    kind = linear_kind(parameter_name)
-    return kind is not None and parameter_name.endswith(".weight") and not kind.transposed
 
 
 # ------------------------------------------------------------------------------------------- the full layout
@@ -223,46 +216,12 @@ def our_name(part, local, num_vision_layers):
 
 def stored_shape_from_hf(name, hf_shape):
     """The stored shape of our parameter `name` whose HF tensor has `hf_shape` (headers checked before reads)."""
-    if name == PATCH_EMBEDDING:  # [hidden, channels, p, p] -> [channels*p*p, hidden]
-        return (math.prod(hf_shape[1:]), hf_shape[0]) if hf_shape else tuple(hf_shape)
-    if stored_transposed_from_hf(name):
-        return tuple(reversed(hf_shape))
+    if name == PATCH_EMBEDDING:  # [hidden, channels, p, p] -> [hidden, channels*p*p]
+        return (hf_shape[0], int(np.prod(hf_shape[1:]))) if hf_shape else tuple(hf_shape)
     return tuple(hf_shape)
 
 
 def stored_from_hf(name, array, dtype=None):
-    """Our stored array for parameter `name` from its HF tensor, contiguous, in numpy `dtype` (None: keep).
-
-    No copy is made when nothing changes.
-    """
-    dtype = dtype or array.dtype
-    if name == PATCH_EMBEDDING:  # flattened in (channel, row, col) order, as the image patches are
-        return transposed_copy(array.reshape(array.shape[0], -1), dtype)
-    if stored_transposed_from_hf(name):
-        return transposed_copy(array, dtype)
-    return np.ascontiguousarray(array, dtype=dtype)
-
-
-# Tile of a blocked transpose: 32 source rows x 512 columns (32-64 KB) stay in the CPU caches while being
-# read along rows and written along columns; numpy's plain `ascontiguousarray(a.T)` strides through memory
-# element by element and is several times slower on the 7B's matrices. numpy releases the GIL while copying a
-# tile, so bands of rows transpose in parallel threads (bench/RESULTS.md, weight conversion).
-_TILE_ROWS, _TILE_COLS = 32, 512
-_TRANSPOSE_WORKERS = min(4, os.cpu_count() or 1)
-_TRANSPOSE_THREADS = ThreadPoolExecutor(max_workers=_TRANSPOSE_WORKERS)
-
-
-def _transpose_band(array, out, first_row, end_row):
-    for row in range(first_row, end_row, _TILE_ROWS):
-        for col in range(0, array.shape[1], _TILE_COLS):
-            out[col:col + _TILE_COLS, row:row + _TILE_ROWS] = array[row:row + _TILE_ROWS, col:col + _TILE_COLS].T
-
-
-def transposed_copy(array, dtype):
-    """array.T as a new contiguous 2-D array of `dtype`, the cast done in the same pass."""
-    rows, cols = array.shape
-    out = np.empty((cols, rows), dtype=dtype)
-    band = max(1, -(-rows // (_TRANSPOSE_WORKERS * _TILE_ROWS))) * _TILE_ROWS
-    bands = [(start, min(start + band, rows)) for start in range(0, rows, band)]
-    list(_TRANSPOSE_THREADS.map(lambda bounds: _transpose_band(array, out, *bounds), bands))
-    return out
+    """Our stored array for parameter `name` from its HF tensor: contiguous, numpy `dtype` (None: keep); no copy
+    when nothing changes."""
+    return np.ascontiguousarray(array.reshape(stored_shape_from_hf(name, array.shape)), dtype=dtype or array.dtype)

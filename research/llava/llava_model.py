@@ -21,6 +21,7 @@ from mindspore.common.initializer import Normal, initializer
 from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+import llava_kernels
 from llava_config import LlavaConfig
 from llava_generation import LlavaGenerationMixin
 from llava_layout import LINEARS
@@ -38,15 +39,19 @@ def mindspore_dtype(name):
 @dataclass(frozen=True)
 class Precision:
     """compute: the dtype matmuls run in; weights: the dtype matrices (linear weights, embedding tables) are
-    stored in. Vectors (norm weights, biases, the class token) are stored and used in float32, as the norms and
-    the softmax always compute in float32."""
+    stored in; kernels: matmuls through llava_kernels (CPU: float32 activations, weights read at their own
+    width) instead of MindSpore's MatMul. Vectors (norm weights, biases, the class token) are stored and used in
+    float32, as the norms and the softmax always compute in float32."""
 
     compute: object = ms.float32
     weights: object = ms.float32
+    kernels: bool = False
 
     @classmethod
     def of(cls, config):
-        return cls(mindspore_dtype(config.compute_dtype), mindspore_dtype(config.param_init_type))
+        kernels = (config.cpu_kernels and ms.get_context("device_target") == "CPU" and llava_kernels.available())
+        compute = ms.float32 if kernels else mindspore_dtype(config.compute_dtype)
+        return cls(compute, mindspore_dtype(config.param_init_type), kernels)
 
 
 FLOAT32 = Precision()
@@ -78,14 +83,16 @@ def shard_size(total, size, what):
 
 
 def _matrix(shape, dtype):
-    return Parameter(initializer(Normal(0.02), shape, dtype), name="weight")
+    """A weight matrix without memory (MindSpore's meta device): a checkpoint's tensor becomes its data without a
+    copy (llava_weights.py), and nothing is initialized only to be overwritten (seconds per GB, and a second
+    copy of a 7B model). `LlavaVlm.init_weights` gives fresh values for training from scratch."""
+    return Parameter(Tensor(shape=shape, dtype=dtype, device="meta"), name="weight")
 
 
 class Linear(nn.Cell):
-    """y = x @ W (+ bias), for the linear named `name` in llava_layout.LINEARS, which says how W is stored
-    ([in, out], or [out, in] with a transposed matmul) and split across ranks: replicated, column (this rank's
-    out_features/size outputs) or row (this rank's in_features/size inputs; partial results are all-reduced
-    before the bias)."""
+    """y = x @ W^T (+ bias), W stored [out, in]; `name` is the linear's entry in llava_layout.LINEARS, which says
+    how it is split across ranks: replicated, column (this rank's out_features/size outputs) or row (this rank's
+    in_features/size inputs; partial results are all-reduced before the bias)."""
 
     def __init__(self, name, in_features, out_features, bias=True, precision=FLOAT32,
                  tensor_parallel=SINGLE_DEVICE):
@@ -100,7 +107,9 @@ class Linear(nn.Cell):
         self.bias = Parameter(initializer("zeros", (out_features,), ms.float32), name="bias") if bias else None
         self.compute_dtype = precision.compute
         self.all_reduce = ops.AllReduce() if kind.parallel == "row" and size > 1 else None
-        self.matmul = ops.MatMul(transpose_b=kind.transposed)
+        # No cast of the weight on the kernel path: a compiled graph would keep a float32 copy of every weight.
+        self.matmul = llava_kernels.MATMUL if precision.kernels else ops.MatMul(transpose_b=True)
+        self.cast_weight = not precision.kernels
         self.bias_add = ops.BiasAdd()  # a broadcasting Add over [N, out] is many times slower on CPU (RESULTS.md)
         self.cast = ops.Cast()
 
@@ -108,7 +117,7 @@ class Linear(nn.Cell):
         """x: [..., in] -> [..., out], in compute_dtype."""
         leading = x.shape[:-1]
         x = self.cast(x.reshape(-1, x.shape[-1]), self.compute_dtype)
-        y = self.matmul(x, self.cast(self.weight, self.compute_dtype))
+        y = self.matmul(x, self.cast(self.weight, self.compute_dtype) if self.cast_weight else self.weight)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
         if self.bias is not None:
@@ -526,6 +535,12 @@ class LlavaVlm(LlavaGenerationMixin, PreTrainedModel):
         """name -> Parameter of everything a checkpoint holds (the KV cache is runtime state, not a weight)."""
         return {name: parameter for name, parameter in self.parameters_and_names()
                 if not name.startswith("language_model.kv_cache.")}
+
+    def init_weights(self):
+        """Give every matrix not yet loaded fresh N(0, 0.02) values, in the order the model creates them."""
+        for parameter in self.weights().values():
+            if parameter.is_meta:
+                parameter.set_data(initializer(Normal(0.02), parameter.shape, parameter.dtype).init_data())
 
     def image_features(self, pixel_values):
         """pixel_values [N, C, S, S] -> projected features [N*F, Ht] float32, one row per `<image>` slot."""

@@ -255,14 +255,15 @@ class LlavaProcessor:
         image_processor: LlavaImageProcessor; default one built from `image_size` and `pad_to_square`.
         num_image_features (int): image features per image (576 = (336/14)^2 for ViT-L/14-336).
         max_length (int): the context length (the model's `seq_length`); longer prompts are refused.
-        image_size (int), pad_to_square (bool): for the default image processor.
+        image_size (int), pad_to_square (bool), image_mean, image_std (3 floats each): for the default image
+            processor (an HF folder's preprocessor_config.json names the last two).
     """
 
     def __init__(self, tokenizer, image_processor=None, num_image_features=576, max_length=2048, image_size=336,
-                 pad_to_square=False):
+                 pad_to_square=False, image_mean=CLIP_MEAN, image_std=CLIP_STD):
         self.tokenizer = tokenizer
-        self.image_processor = image_processor or LlavaImageProcessor(image_size=image_size,
-                                                                      pad_to_square=pad_to_square)
+        self.image_processor = image_processor or LlavaImageProcessor(image_size=image_size, mean=image_mean,
+                                                                      std=image_std, pad_to_square=pad_to_square)
         self.num_image_features = int(num_image_features)
         self.max_length = int(max_length)
 

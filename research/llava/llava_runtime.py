@@ -85,3 +85,115 @@ def build_components(config, processor_config=None):
                       "max_length": model.config.seq_length})
     check_vocab_fits(tokenizer, model.config.text_config.vocab_size, model.config.image_token_id)
     return model, tokenizer, processor
+
+
+# ------------------------------------------------------------------------------------------- the run config
+# Before anything is built, the YAML is made to agree with the checkpoint it loads and the device it runs on.
+# `explicit` is the set of dotted keys the user gave with --options: those are never changed, only checked.
+
+def _sub_section(model_config, part):
+    """(dict holding the `part` sub-config's keys, its dotted path) for the YAML's nested or flat form."""
+    section = model_config.get(part)
+    if section is None:
+        section = model_config[part] = {}
+    if section.get("model_config") is not None:
+        return section["model_config"], f"model.model_config.{part}.model_config"
+    return section, f"model.model_config.{part}"
+
+
+def _agree(holder, key, value, dotted, explicit, changes, source, aliases=()):
+    """Make holder[key] (or an alias of it) `value` from `source`: refused when the user set it, noted when it
+    changes a value the YAML had."""
+    present = next((name for name in (key, *aliases) if name in holder), key)
+    current = holder.get(present)
+    if current == value:
+        return
+    given = dotted.rsplit(".", 1)[0] + "." + present
+    if given in explicit:
+        raise ValueError(f"--options {given}={current} contradicts {source}, whose {key} is {value}")
+    if current is not None:
+        changes.append(f"{key} {current} -> {value}")
+    holder[present] = value
+
+
+def follow_checkpoint(config, explicit=()):
+    """Take the model's sizes from the checkpoint when it says them (an HF folder's config.json, llava-ms
+    metadata), and the processor's image size and context from the model. Returns the changes made to the
+    YAML's values ("num_layers 32 -> 2", ...); raises ValueError for a value the user set that disagrees."""
+    from llava_config import LlavaConfig, LlavaTextConfig  # pylint: disable=import-outside-toplevel
+    from llava_weights import checkpoint_architecture  # pylint: disable=import-outside-toplevel
+
+    model_config, changes = config.model.model_config, []
+    checkpoint = checkpoint_architecture(config.load_checkpoint) if config.get("load_checkpoint") else None
+    if checkpoint is not None:
+        for part in ("vision_config", "text_config"):
+            holder, prefix = _sub_section(model_config, part)
+            aliases = {alias: [] for alias in checkpoint[part]}
+            for alias, name in getattr(LlavaTextConfig, "aliases", {}).items() if part == "text_config" else ():
+                aliases[name].append(alias)
+            for key, value in checkpoint[part].items():
+                _agree(holder, key, value, f"{prefix}.{key}", explicit, changes, "the checkpoint", aliases[key])
+        _agree(model_config, "image_token_id", checkpoint["image_token_id"], "model.model_config.image_token_id",
+               explicit, changes, "the checkpoint")
+    model = LlavaConfig(**{key: value for key, value in model_config.items() if key not in ("type", "auto_register")})
+    processor = config.get("processor")
+    if processor is not None and checkpoint is not None and os.path.isdir(config.load_checkpoint):
+        _take_folder_files(config.load_checkpoint, processor, model, explicit, changes)
+    if processor is not None:
+        _agree(processor, "image_size", model.vision_config.image_size, "processor.image_size", explicit, changes,
+               "the model (vision image_size)")
+        _agree(processor, "max_length", model.seq_length, "processor.max_length", explicit, changes,
+               "the model (seq_length)")
+    return changes
+
+
+def _take_folder_files(folder, processor, model, explicit, changes):
+    """A checkpoint folder's tokenizer.model and preprocessor_config.json, for what the YAML does not name."""
+    import json  # pylint: disable=import-outside-toplevel
+
+    tokenizer = processor.get("tokenizer")
+    vocab = os.path.join(folder, "tokenizer.model")
+    if tokenizer is not None and not tokenizer.get("vocab_file") and os.path.isfile(vocab):
+        tokenizer["vocab_file"] = vocab
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            preprocessor = dict(json.load(f))
+        crop = preprocessor.get("crop_size") or {}
+        crop = crop.get("height") if isinstance(crop, dict) else crop
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path} is not an image processor config ({error})") from None
+    if crop not in (None, model.vision_config.image_size):
+        raise ValueError(f"{path} crops images to {crop} px but the model's vision image_size is "
+                         f"{model.vision_config.image_size}")
+    for key in ("image_mean", "image_std"):
+        if preprocessor.get(key) is not None and processor.get(key) is None:
+            _agree(processor, key, list(preprocessor[key]), f"processor.{key}", explicit, changes, path)
+
+
+def plan_cpu(config, explicit=()):
+    """On CPU, pick what is fast and fits: float32 activations; 16-bit weights kept (as the YAML has them) when
+    llava-ms's kernels can multiply them, else float32 weights; vision and prompt op by op (a compiled graph
+    keeps every activation allocated on CPU). Keys the user set with --options are kept. Returns (a line saying
+    what runs, whether a YAML value was changed), or (None, False) off CPU."""
+    import llava_kernels  # pylint: disable=import-outside-toplevel
+
+    if (config.get("context") or {}).get("device_target", "CPU") != "CPU":
+        return None, False
+    model_config = config.model.model_config
+    kernels = model_config.get("cpu_kernels", True) and llava_kernels.available()
+    choices = {"compute_dtype": "float32", "compile_prefill": False}
+    if not kernels and model_config.get("param_init_type", "float32") != "float32":
+        choices["param_init_type"] = "float32"  # MindSpore's CPU MatMul would cast them at every use
+    changed = False
+    for key, value in choices.items():
+        if f"model.model_config.{key}" not in explicit and model_config.get(key) != value:
+            changed = changed or key in model_config
+            model_config[key] = value
+    weights = model_config.get("param_init_type", "float32")
+    matmuls = f"llava-ms kernels ({llava_kernels.describe()})" if kernels else \
+        f"MindSpore's MatMul in {model_config.get('compute_dtype', 'float32')}"
+    prompts = "compiled" if model_config.get("compile_prefill") else "op by op"
+    return f"CPU: weights {weights}, matmuls by {matmuls}; vision and prompts {prompts}", changed

@@ -53,6 +53,9 @@ def load_sentencepiece(vocab_file):
         FileNotFoundError: no such file.
         ValueError: the file is not a SentencePiece model (text, image, truncated or empty file).
     """
+    if not vocab_file:
+        raise ValueError("LLaVA tokenizer: no vocab_file: set processor.tokenizer.vocab_file to the SentencePiece "
+                         "tokenizer.model (LLaMA-2's), or load a checkpoint folder that has one")
     path = os.fspath(vocab_file)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LLaVA tokenizer: vocab_file {path!r} does not exist (expected a SentencePiece "
@@ -131,7 +134,7 @@ class LlavaTokenizer(LlamaTokenizer):
 
     def __init__(self, vocab_file, add_bos_token=True, add_eos_token=False, image_token="<image>",
                  pad_token="<pad>", legacy=False, clean_up_tokenization_spaces=False, **kwargs):
-        vocab_file = os.fspath(vocab_file)
+        vocab_file = os.fspath(vocab_file) if vocab_file else vocab_file  # load_sentencepiece names a missing one
         if pad_token is not None:
             pad_token = _as_added_token(pad_token)
         fixed_ids = appended_token_ids(load_sentencepiece(vocab_file),

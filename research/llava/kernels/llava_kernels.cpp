@@ -1,0 +1,791 @@
+// CPU matrix multiplies for LLaVA's linear layers, and a finite check for weights.
+//
+//   y[M, N] (float32) = x[M, K] (float32) @ W[N, K]^T,   W float32, float16 or bfloat16, stored [N, K]
+//                                                         (one contiguous row per output: HF's layout)
+//
+// Few rows (a decode step, M < m_large): our own kernels. Decode reads every weight once per step, so they
+// are bound by memory bandwidth: W is read row by row at its own width (16-bit W: half the bytes of
+// float32) and widened in registers; accumulation in float32.
+//     avx512bf16  bfloat16 W and M >= 4 only: x rounded to bfloat16, vdpbf16ps (32 multiply-adds per
+//                 instruction); with fewer rows or other weights it is the avx512 path
+//     avx512      AVX-512 fp32 FMA          avx2  AVX2 + FMA + F16C          scalar  portable C++
+// Many rows (a prompt, M >= m_large): oneDNN's matmul, from the libdnnl.so.3 that MindSpore ships (dlopen'ed;
+// its C API is declared below), bound by arithmetic. 16-bit W on a CPU with bfloat16 arithmetic (AVX512-BF16
+// or AMX): x rounded to bfloat16, a bfloat16 W used in place, a float16 W converted 1024 rows at a time;
+// otherwise, and for float32 W, float32 arithmetic. Without oneDNN the decode kernels take every M.
+//
+// Every ISA-specific function carries __attribute__((target(...))) and the file is built for baseline x86-64,
+// so one .so runs on any x86-64 CPU and picks its paths at load (cpuid, and the OS's AVX-512 / AMX state).
+// Threads: one persistent pool (the calling thread and workers, one per CPU this process may use), rows of W
+// handed out in chunks; oneDNN runs on the same pool. A call arriving while the pool is busy runs inline.
+#include <cpuid.h>
+#include <dlfcn.h>
+#include <immintrin.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define T512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")))
+#define TAVX2 __attribute__((target("avx2,fma,f16c")))
+#define AI inline __attribute__((always_inline))
+
+enum WeightType { WT_F32 = 0, WT_F16 = 1, WT_BF16 = 2 };
+template <int WT> using Elem = std::conditional_t<WT == WT_F32, float, uint16_t>;
+enum SmallPath { SP_SCALAR = 0, SP_AVX2 = 1, SP_AVX512 = 2, SP_AVX512BF = 3 };
+enum LargePath { LP_DECODE = 0, LP_ONEDNN = 1 };
+
+// ------------------------------------------------------------------------------------------ CPU and settings
+struct Cpu { bool avx2 = false, avx512 = false, avx512bf16 = false, amx = false; };
+
+static Cpu detect_cpu() {
+  Cpu r;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return r;
+  bool osxsave = c & (1u << 27), avx = c & (1u << 28), fma = c & (1u << 12), f16c = c & (1u << 29);
+  uint64_t xcr0 = 0;
+  if (osxsave) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    xcr0 = ((uint64_t)hi << 32) | lo;
+  }
+  bool ymm_state = (xcr0 & 6) == 6, zmm_state = (xcr0 & 0xe6) == 0xe6;
+  if (__get_cpuid_max(0, nullptr) < 7) return r;
+  __cpuid_count(7, 0, a, b, c, d);
+  r.avx2 = avx && ymm_state && (b & (1u << 5)) && fma && f16c;
+  r.avx512 = r.avx2 && zmm_state && (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));
+  bool amx_bf16 = d & (1u << 22), amx_tile = d & (1u << 24);
+  if (a >= 1) {
+    __cpuid_count(7, 1, a, b, c, d);
+    r.avx512bf16 = r.avx512 && (a & (1u << 5));
+  }
+  r.amx = amx_bf16 && amx_tile && ((xcr0 >> 17) & 3) == 3;
+  return r;
+}
+
+struct Settings {
+  Cpu cpu;
+  int small_path = SP_SCALAR;  // the best the CPU has, unless a test forces another
+  int large_path = LP_ONEDNN;
+  int64_t m_large = 32;        // M >= m_large: the prompt path
+  int bf16_dot_min_m = 4;      // avx512bf16 with bfloat16 W from this many rows on (below: widening is as fast)
+  int nthreads = 1;
+  int64_t onednn_chunk = 1024; // rows of a float16 W converted per oneDNN call
+};
+static Settings g;
+
+static int usable_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  unsigned n = std::thread::hardware_concurrency();
+  return n ? (int)n : 1;
+}
+
+static void init_settings() {
+  g.cpu = detect_cpu();
+  g.small_path = g.cpu.avx512bf16 ? SP_AVX512BF : g.cpu.avx512 ? SP_AVX512 : g.cpu.avx2 ? SP_AVX2 : SP_SCALAR;
+  g.nthreads = usable_cpus();
+}
+static std::once_flag g_init_once;
+static void ensure_init() { std::call_once(g_init_once, init_settings); }
+
+static int best_small_path_up_to(int path) {  // a forced path the CPU lacks falls back to the next one down
+  if (path == SP_AVX512BF && !g.cpu.avx512bf16) path = SP_AVX512;
+  if (path == SP_AVX512 && !g.cpu.avx512) path = SP_AVX2;
+  if (path == SP_AVX2 && !g.cpu.avx2) path = SP_SCALAR;
+  return path;
+}
+
+// ------------------------------------------------------------------------------------------ thread pool
+// run(ntask, fn): fn(i) for every i in [0, ntask), tasks taken in order by the caller and the workers. Workers
+// sleep on a futex between jobs (spinning cost more than it saved, measured next to MindSpore's own threads).
+static thread_local bool tl_in_pool = false;
+
+class Pool {
+ public:
+  explicit Pool(int nthreads) : size_(std::max(1, nthreads)) {
+    for (int i = 1; i < size_; i++) workers_.emplace_back([this] { work(); });
+  }
+  ~Pool() {
+    stop_.store(true);
+    generation_.fetch_add(1);
+    generation_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int size() const { return size_; }
+  void run(int ntask, const std::function<void(int)>& fn) {
+    if (ntask <= 0) return;
+    std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock);
+    if (size_ == 1 || ntask == 1 || tl_in_pool || !lock.owns_lock()) {
+      for (int i = 0; i < ntask; i++) fn(i);
+      return;
+    }
+    fn_ = &fn;
+    ntask_ = ntask;
+    next_.store(0, std::memory_order_relaxed);
+    uint32_t job = generation_.load() + 1;
+    if (job == 0) job = 1;  // 0 means "no open job"
+    open_.store(job);
+    generation_.store(job);
+    generation_.notify_all();
+    tl_in_pool = true;
+    take_tasks();
+    tl_in_pool = false;
+    open_.store(0);  // a worker waking up late sees the job closed and skips it
+    while (busy_.load() != 0) _mm_pause();
+  }
+
+ private:
+  void take_tasks() {
+    for (int i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < ntask_;) (*fn_)(i);
+  }
+  void work() {
+    tl_in_pool = true;
+    uint32_t seen = 0;  // not generation_.load(): a job may already have been posted
+    for (;;) {
+      generation_.wait(seen);
+      uint32_t job = generation_.load(std::memory_order_acquire);
+      if (job == seen) continue;
+      seen = job;
+      if (stop_.load()) return;
+      busy_.fetch_add(1);
+      if (open_.load() == job) take_tasks();
+      busy_.fetch_sub(1);
+    }
+  }
+  int size_;
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::atomic<uint32_t> generation_{0}, open_{0};
+  std::atomic<int> next_{0}, busy_{0};
+  std::atomic<bool> stop_{false};
+  const std::function<void(int)>* fn_ = nullptr;
+  int ntask_ = 0;
+};
+
+static Pool* g_pool = nullptr;
+static std::mutex g_pool_mutex;
+static void parallel_for(int ntask, const std::function<void(int)>& fn) {
+  {
+    std::lock_guard<std::mutex> lock(g_pool_mutex);
+    if (!g_pool) g_pool = new Pool(g.nthreads);
+  }
+  g_pool->run(ntask, fn);
+}
+
+template <class F> static void parallel_blocks(int64_t n, int64_t block, F f) {
+  int ntask = (int)((n + block - 1) / block);
+  parallel_for(ntask, [&](int t) { int64_t a = t * block, b = std::min(n, a + block); f(a, b); });
+}
+
+// ------------------------------------------------------------------------------------------ scalar conversions
+static inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, f;
+  if (exponent == 0) {
+    if (mantissa == 0) {
+      f = sign;
+    } else {  // subnormal
+      int shift = 0;
+      while (!(mantissa & 0x400)) { mantissa <<= 1; shift++; }
+      f = sign | ((uint32_t)(127 - 15 - shift + 1) << 23) | ((mantissa & 0x3ff) << 13);
+    }
+  } else if (exponent == 31) {
+    f = sign | 0x7f800000u | (mantissa << 13);
+  } else {
+    f = sign | ((exponent + 127 - 15) << 23) | (mantissa << 13);
+  }
+  float r;
+  memcpy(&r, &f, 4);
+  return r;
+}
+static inline float bf16_to_f32(uint16_t h) { uint32_t f = (uint32_t)h << 16; float r; memcpy(&r, &f, 4); return r; }
+static inline uint16_t f32_to_bf16(float x) {  // round to nearest even
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // a quiet NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+template <int WT> static inline float to_f32(Elem<WT> v) {
+  if constexpr (WT == WT_F32) return v;
+  else if constexpr (WT == WT_F16) return f16_to_f32(v);
+  else return bf16_to_f32(v);
+}
+
+// ------------------------------------------------------------------------------------------ decode kernels
+// Each computes y[:, n0:n1] for rows n0..n1 of W. A tile is NR rows of W times MR rows of x over all of K.
+
+template <int WT>
+static void rows_scalar(const float* x, int64_t M, const Elem<WT>* w, int64_t K, float* y, int64_t N, int64_t n0,
+                        int64_t n1) {
+  float widened[256];
+  for (int64_t n = n0; n < n1; n++) {
+    const Elem<WT>* row = w + n * K;
+    for (int64_t m = 0; m < M; m++) y[m * N + n] = 0.f;
+    for (int64_t k0 = 0; k0 < K; k0 += 256) {
+      int64_t kc = std::min<int64_t>(256, K - k0);
+      for (int64_t k = 0; k < kc; k++) widened[k] = to_f32<WT>(row[k0 + k]);
+      for (int64_t m = 0; m < M; m++) {
+        const float* xr = x + m * K + k0;
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        int64_t k = 0;
+        for (; k + 4 <= kc; k += 4) {
+          s0 += xr[k] * widened[k]; s1 += xr[k + 1] * widened[k + 1];
+          s2 += xr[k + 2] * widened[k + 2]; s3 += xr[k + 3] * widened[k + 3];
+        }
+        for (; k < kc; k++) s0 += xr[k] * widened[k];
+        y[m * N + n] += (s0 + s1) + (s2 + s3);
+      }
+    }
+  }
+}
+
+template <int WT> TAVX2 AI __m256 load8(const Elem<WT>* p) {
+  if constexpr (WT == WT_F32) return _mm256_loadu_ps(p);
+  else {
+    __m128i v = _mm_loadu_si128((const __m128i*)p);
+    if constexpr (WT == WT_F16) return _mm256_cvtph_ps(v);
+    else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+  }
+}
+template <int WT> TAVX2 AI float load1_avx2(const Elem<WT>* p) {
+  if constexpr (WT == WT_F16) return _cvtsh_ss(*p);
+  else return to_f32<WT>(*p);
+}
+TAVX2 AI float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int WT, int NR, int MR>
+TAVX2 static void tile_avx2(const float* x, const Elem<WT>* w, int64_t K, float* y, int64_t ldy) {
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; m++) for (int r = 0; r < NR; r++) acc[m][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[MR];
+    for (int m = 0; m < MR; m++) xv[m] = _mm256_loadu_ps(x + m * K + k);
+    for (int r = 0; r < NR; r++) {
+      __m256 wv = load8<WT>(w + r * K + k);
+      for (int m = 0; m < MR; m++) acc[m][r] = _mm256_fmadd_ps(xv[m], wv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR; r++) {
+      float s = hsum8(acc[m][r]);
+      for (int64_t kk = k; kk < K; kk++) s += x[m * K + kk] * load1_avx2<WT>(w + r * K + kk);
+      y[m * ldy + r] = s;
+    }
+}
+
+template <int WT, int NR>
+TAVX2 static void all_m_avx2(const float* x, int64_t M, const Elem<WT>* w, int64_t K, float* y, int64_t N) {
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) tile_avx2<WT, NR, 2>(x + m * K, w, K, y + m * N, N);
+  if (m < M) tile_avx2<WT, NR, 1>(x + m * K, w, K, y + m * N, N);
+}
+
+template <int WT>
+TAVX2 static void rows_avx2(const float* x, int64_t M, const Elem<WT>* w, int64_t K, float* y, int64_t N,
+                            int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (M == 1) for (; n + 8 <= n1; n += 8) tile_avx2<WT, 8, 1>(x, w + n * K, K, y + n, N);
+  for (; n + 4 <= n1; n += 4) all_m_avx2<WT, 4>(x, M, w + n * K, K, y + n, N);
+  for (; n < n1; n++) all_m_avx2<WT, 1>(x, M, w + n * K, K, y + n, N);
+}
+
+template <int WT> T512 AI __m512 load16(const Elem<WT>* p, __mmask16 mask) {
+  if constexpr (WT == WT_F32) return _mm512_maskz_loadu_ps(mask, p);
+  else {
+    __m256i v = _mm256_maskz_loadu_epi16(mask, p);
+    if constexpr (WT == WT_F16) return _mm512_cvtph_ps(v);
+    else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  }
+}
+
+template <int WT, int NR, int MR>
+T512 static void tile_512(const float* x, const Elem<WT>* w, int64_t K, float* y, int64_t ldy) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; m++) for (int r = 0; r < NR; r++) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+    __m512 xv[MR];
+    for (int m = 0; m < MR; m++) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+    for (int r = 0; r < NR; r++) {
+      __m512 wv = load16<WT>(w + r * K + k, mask);
+      for (int m = 0; m < MR; m++) acc[m][r] = _mm512_fmadd_ps(xv[m], wv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR; r++) y[m * ldy + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+template <int WT, int NR>
+T512 static void all_m_512(const float* x, int64_t M, const Elem<WT>* w, int64_t K, float* y, int64_t N) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile_512<WT, NR, 4>(x + m * K, w, K, y + m * N, N);
+  switch (M - m) {
+    case 3: tile_512<WT, NR, 3>(x + m * K, w, K, y + m * N, N); break;
+    case 2: tile_512<WT, NR, 2>(x + m * K, w, K, y + m * N, N); break;
+    case 1: tile_512<WT, NR, 1>(x + m * K, w, K, y + m * N, N); break;
+  }
+}
+
+template <int WT>
+T512 static void rows_512(const float* x, int64_t M, const Elem<WT>* w, int64_t K, float* y, int64_t N, int64_t n0,
+                          int64_t n1) {
+  int64_t n = n0;
+  if (M == 1) for (; n + 8 <= n1; n += 8) tile_512<WT, 8, 1>(x, w + n * K, K, y + n, N);
+  for (; n + 4 <= n1; n += 4) all_m_512<WT, 4>(x, M, w + n * K, K, y + n, N);
+  for (; n < n1; n++) all_m_512<WT, 1>(x, M, w + n * K, K, y + n, N);
+}
+
+// avx512bf16, bfloat16 W: x pre-rounded to bfloat16 (rows of ldx values, zero-padded to a multiple of 32), 32
+// k-values of W per 64-byte load. K is blocked (BF_KC) so the block of x stays in L1; partial sums of a tile live
+// in `part` between K blocks.
+constexpr int64_t BF_KC = 1024;
+
+template <int NR, int MR>
+T512BF static void tile_bf16(const uint16_t* xb, int64_t ldx, const uint16_t* w, int64_t K, int64_t k0, int64_t k1,
+                             float* y, int64_t ldy, float* part, bool first, bool last) {
+  __m512 acc[MR][NR];
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR; r++) acc[m][r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(part + (m * NR + r) * 16);
+  for (int64_t k = k0; k < k1; k += 32) {
+    __mmask32 mask = k1 - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (k1 - k)) - 1);
+    __m512bh xv[MR];
+    for (int m = 0; m < MR; m++) xv[m] = (__m512bh)_mm512_loadu_si512((const void*)(xb + m * ldx + k));
+    for (int r = 0; r < NR; r++) {
+      __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
+      for (int m = 0; m < MR; m++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv[m], wv);
+    }
+  }
+  for (int m = 0; m < MR; m++)
+    for (int r = 0; r < NR; r++) {
+      if (last) y[m * ldy + r] = _mm512_reduce_add_ps(acc[m][r]);
+      else _mm512_storeu_ps(part + (m * NR + r) * 16, acc[m][r]);
+    }
+}
+
+template <int NR>
+T512BF static void all_m_bf16(const uint16_t* xb, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t k0,
+                              int64_t k1, float* y, int64_t N, float* part, bool first, bool last) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4, part += 4 * NR * 16)
+    tile_bf16<NR, 4>(xb + m * ldx, ldx, w, K, k0, k1, y + m * N, N, part, first, last);
+  switch (M - m) {
+    case 3: tile_bf16<NR, 3>(xb + m * ldx, ldx, w, K, k0, k1, y + m * N, N, part, first, last); break;
+    case 2: tile_bf16<NR, 2>(xb + m * ldx, ldx, w, K, k0, k1, y + m * N, N, part, first, last); break;
+    case 1: tile_bf16<NR, 1>(xb + m * ldx, ldx, w, K, k0, k1, y + m * N, N, part, first, last); break;
+  }
+}
+
+T512BF static void rows_bf16(const uint16_t* xb, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, float* y,
+                             int64_t N, int64_t n0, int64_t n1) {
+  int64_t kc = M > 4 ? BF_KC : K;
+  int64_t m_padded = (M + 3) / 4 * 4;
+  static thread_local std::vector<float> partial;
+  if (kc < K) partial.resize(std::max(partial.size(), (size_t)((n1 - n0 + 3) / 4 * 4 * m_padded * 16)));
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    int64_t k1 = std::min(K, k0 + kc);
+    float* part = partial.data();
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4, part += m_padded * 4 * 16)
+      all_m_bf16<4>(xb, ldx, M, w + n * K, K, k0, k1, y + n, N, part, k0 == 0, k1 == K);
+    for (; n < n1; n++, part += m_padded * 16)
+      all_m_bf16<1>(xb, ldx, M, w + n * K, K, k0, k1, y + n, N, part, k0 == 0, k1 == K);
+  }
+}
+
+T512BF static void rows_to_bf16_padded(const float* x, int64_t M, int64_t K, uint16_t* xb, int64_t ldx) {
+  for (int64_t m = 0; m < M; m++) {
+    const float* s = x + m * K;
+    uint16_t* d = xb + m * ldx;
+    int64_t i = 0;
+    for (; i + 32 <= K; i += 32)
+      _mm512_storeu_si512((void*)(d + i),
+                          (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + i + 16), _mm512_loadu_ps(s + i)));
+    for (; i < ldx; i++) d[i] = i < K ? f32_to_bf16(s[i]) : 0;
+  }
+}
+
+template <int WT>
+static void decode_matmul(const float* x, const Elem<WT>* w, float* y, int64_t M, int64_t N, int64_t K) {
+  int path = best_small_path_up_to(g.small_path);
+  int nt = g.nthreads;
+  if constexpr (WT == WT_BF16) {
+    if (path == SP_AVX512BF && M >= g.bf16_dot_min_m) {
+      int64_t ldx = (K + 31) / 32 * 32;
+      static thread_local std::vector<uint16_t> x_bf16;
+      x_bf16.resize(std::max(x_bf16.size(), (size_t)(M * ldx)));
+      uint16_t* xb = x_bf16.data();
+      rows_to_bf16_padded(x, M, K, xb, ldx);
+      int64_t chunk = std::max<int64_t>(16, ((N + nt * 8 - 1) / (nt * 8) + 7) / 8 * 8);
+      parallel_for((int)((N + chunk - 1) / chunk), [&](int t) {
+        int64_t n0 = t * chunk;
+        rows_bf16(xb, ldx, M, w, K, y, N, n0, std::min(N, n0 + chunk));
+      });
+      return;
+    }
+  }
+  void (*rows)(const float*, int64_t, const Elem<WT>*, int64_t, float*, int64_t, int64_t, int64_t) =
+      path >= SP_AVX512 ? rows_512<WT> : path == SP_AVX2 ? rows_avx2<WT> : rows_scalar<WT>;
+  // About 8 chunks per thread (load balance), each a multiple of 8 rows of W.
+  int64_t chunk = std::max<int64_t>(M >= 8 ? 16 : 8, ((N + nt * 8 - 1) / (nt * 8) + 7) / 8 * 8);
+  parallel_for((int)((N + chunk - 1) / chunk), [&](int t) {
+    int64_t n0 = t * chunk;
+    rows(x, M, w, K, y, N, n0, std::min(N, n0 + chunk));
+  });
+}
+
+// ------------------------------------------------------------------------------------------ bulk conversions
+T512BF static void f32_to_bf16_avx512bf16(const float* s, uint16_t* d, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    _mm512_storeu_si512((void*)(d + i), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + i + 16), _mm512_loadu_ps(s + i)));
+  for (; i < n; i++) d[i] = f32_to_bf16(s[i]);
+}
+T512 AI __m256i f32x16_to_bf16(__m512 v) {  // round to nearest even (weights and activations are finite)
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
+T512 static void f16_to_bf16_avx512(const uint16_t* s, uint16_t* d, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256((__m256i*)(d + i), f32x16_to_bf16(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + i)))));
+  for (; i < n; i++) d[i] = f32_to_bf16(f16_to_f32(s[i]));
+}
+template <int WT> TAVX2 static void widen_avx2(const uint16_t* s, float* d, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, load8<WT>(s + i));
+  for (; i < n; i++) d[i] = to_f32<WT>(s[i]);
+}
+static void f32_to_bf16_any(const float* s, uint16_t* d, int64_t n) {
+  if (g.cpu.avx512bf16) f32_to_bf16_avx512bf16(s, d, n);
+  else for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(s[i]);
+}
+static void f16_to_bf16_any(const uint16_t* s, uint16_t* d, int64_t n) {
+  if (g.cpu.avx512) f16_to_bf16_avx512(s, d, n);
+  else for (int64_t i = 0; i < n; i++) d[i] = f32_to_bf16(f16_to_f32(s[i]));
+}
+template <int WT> static void widen_any(const uint16_t* s, float* d, int64_t n) {
+  if (g.cpu.avx2) widen_avx2<WT>(s, d, n);
+  else for (int64_t i = 0; i < n; i++) d[i] = to_f32<WT>(s[i]);
+}
+
+// ------------------------------------------------------------------------------------------ oneDNN
+// The C API of oneDNN 3.x, declared here (MindSpore ships the library, not its headers). MindSpore's build uses
+// the threadpool runtime: it runs multithreaded only on a threadpool handed to its stream, ours.
+namespace onednn {
+typedef int status_t;
+struct exec_arg_t { int arg; void* memory; };
+enum { dt_f16 = 1, dt_bf16 = 2, dt_f32 = 3 };
+enum { engine_cpu = 1 };
+enum { ARG_SRC = 1, ARG_DST = 17, ARG_WEIGHTS = 33 };
+
+struct threadpool_iface {  // the vtable of dnnl::threadpool_interop::threadpool_iface
+  virtual int get_num_threads() const = 0;
+  virtual bool get_in_parallel() const = 0;
+  virtual void parallel_for(int n, const std::function<void(int, int)>& fn) = 0;
+  virtual uint64_t get_flags() const = 0;
+  virtual void wait() = 0;
+  virtual ~threadpool_iface() {}
+};
+struct OurPool : threadpool_iface {
+  int get_num_threads() const override { return g.nthreads; }
+  bool get_in_parallel() const override { return tl_in_pool; }
+  void parallel_for(int n, const std::function<void(int, int)>& fn) override {
+    ::parallel_for(n, [&](int i) { fn(i, n); });
+  }
+  uint64_t get_flags() const override { return 0; }
+  void wait() override {}
+};
+
+struct Api {
+  void* lib = nullptr;
+  bool ok = false;
+  std::string error = "not loaded";
+  status_t (*engine_create)(void**, int, size_t);
+  status_t (*threadpool_stream_create)(void**, void*, void*);
+  status_t (*set_max_concurrency)(int);
+  status_t (*memory_desc_create_with_strides)(void**, int, const int64_t*, int, const int64_t*);
+  status_t (*matmul_primitive_desc_create)(void**, void*, const void*, const void*, const void*, const void*, const void*);
+  status_t (*primitive_desc_destroy)(void*);
+  status_t (*primitive_create)(void**, const void*);
+  status_t (*primitive_execute)(const void*, void*, int, const exec_arg_t*);
+  status_t (*memory_create)(void**, const void*, void*, void*);
+  status_t (*memory_destroy)(void*);
+  status_t (*stream_wait)(void*);
+  const int* (*version)();
+  void* engine = nullptr;
+  void* stream = nullptr;
+  OurPool pool;
+  std::string version_string;
+};
+static Api api;
+static std::once_flag load_once;
+static std::string library_path;  // MindSpore's libdnnl.so.3, set from Python before the first use
+
+template <class T> static bool find(T& f, const char* name) {
+  f = (T)dlsym(api.lib, name);
+  if (!f) api.error = std::string("missing symbol ") + name;
+  return f != nullptr;
+}
+
+static void load() {
+  api.lib = dlopen("libdnnl.so.3", RTLD_NOW | RTLD_NOLOAD);  // already in the process once MindSpore is imported
+  if (!api.lib && !library_path.empty()) api.lib = dlopen(library_path.c_str(), RTLD_NOW | RTLD_GLOBAL);
+  if (!api.lib) { api.error = "libdnnl.so.3 not found"; return; }
+  bool found = find(api.engine_create, "dnnl_engine_create") &&
+               find(api.threadpool_stream_create, "dnnl_threadpool_interop_stream_create") &&
+               find(api.set_max_concurrency, "dnnl_threadpool_interop_set_max_concurrency") &&
+               find(api.memory_desc_create_with_strides, "dnnl_memory_desc_create_with_strides") &&
+               find(api.matmul_primitive_desc_create, "dnnl_matmul_primitive_desc_create") &&
+               find(api.primitive_desc_destroy, "dnnl_primitive_desc_destroy") &&
+               find(api.primitive_create, "dnnl_primitive_create") &&
+               find(api.primitive_execute, "dnnl_primitive_execute") &&
+               find(api.memory_create, "dnnl_memory_create") && find(api.memory_destroy, "dnnl_memory_destroy") &&
+               find(api.stream_wait, "dnnl_stream_wait") && find(api.version, "dnnl_version");
+  if (!found) return;
+  const int* v = api.version();
+  api.version_string = std::to_string(v[0]) + "." + std::to_string(v[1]) + "." + std::to_string(v[2]);
+  if (v[0] != 3) { api.error = "oneDNN " + api.version_string + " is not 3.x"; return; }
+  if (api.engine_create(&api.engine, engine_cpu, 0) != 0) { api.error = "engine_create failed"; return; }
+  if (api.threadpool_stream_create(&api.stream, api.engine, &api.pool) != 0) { api.error = "stream_create failed"; return; }
+  api.ok = true;
+}
+static bool available() { std::call_once(load_once, load); return api.ok; }
+
+struct Matmul { void* primitive = nullptr; void* desc[3] = {nullptr, nullptr, nullptr}; };
+// (M, N, K, leading dimension of y, activation type, weight type) -> a primitive made once and kept.
+typedef std::tuple<int64_t, int64_t, int64_t, int64_t, int, int> Key;
+static std::map<Key, Matmul> primitives;
+static std::mutex mutex;  // oneDNN calls are serialized
+
+static Matmul* get(int64_t M, int64_t N, int64_t K, int64_t ldy, int src_type, int weight_type) {
+  Key key(M, N, K, ldy, src_type, weight_type);
+  auto it = primitives.find(key);
+  if (it != primitives.end()) return &it->second;
+  Matmul mm;
+  int64_t src_dims[2] = {M, K}, src_strides[2] = {K, 1};
+  int64_t weight_dims[2] = {K, N}, weight_strides[2] = {1, K};  // W[N, K] read as its transpose
+  int64_t dst_dims[2] = {M, N}, dst_strides[2] = {ldy, 1};
+  if (api.memory_desc_create_with_strides(&mm.desc[0], 2, src_dims, src_type, src_strides) ||
+      api.memory_desc_create_with_strides(&mm.desc[1], 2, weight_dims, weight_type, weight_strides) ||
+      api.memory_desc_create_with_strides(&mm.desc[2], 2, dst_dims, dt_f32, dst_strides))
+    return nullptr;
+  api.set_max_concurrency(g.nthreads);
+  void* primitive_desc = nullptr;
+  if (api.matmul_primitive_desc_create(&primitive_desc, api.engine, mm.desc[0], mm.desc[1], nullptr, mm.desc[2],
+                                       nullptr) != 0)
+    return nullptr;
+  int status = api.primitive_create(&mm.primitive, primitive_desc);
+  api.primitive_desc_destroy(primitive_desc);
+  if (status != 0) return nullptr;
+  return &primitives.emplace(key, mm).first->second;
+}
+
+static int run(Matmul* mm, const void* src, const void* weights, float* dst) {
+  void *src_memory = nullptr, *weight_memory = nullptr, *dst_memory = nullptr;
+  int status = api.memory_create(&src_memory, mm->desc[0], api.engine, (void*)src) |
+               api.memory_create(&weight_memory, mm->desc[1], api.engine, (void*)weights) |
+               api.memory_create(&dst_memory, mm->desc[2], api.engine, (void*)dst);
+  if (status == 0) {
+    exec_arg_t args[3] = {{ARG_SRC, src_memory}, {ARG_WEIGHTS, weight_memory}, {ARG_DST, dst_memory}};
+    status = api.primitive_execute(mm->primitive, api.stream, 3, args);
+    if (status == 0) status = api.stream_wait(api.stream);
+  }
+  if (src_memory) api.memory_destroy(src_memory);
+  if (weight_memory) api.memory_destroy(weight_memory);
+  if (dst_memory) api.memory_destroy(dst_memory);
+  return status;
+}
+}  // namespace onednn
+
+// Scratch buffers of the prompt path (grow only; `llava_release_scratch` frees them).
+struct Scratch {
+  void* p = nullptr;
+  size_t bytes = 0;
+  void* get(size_t want) {
+    if (want > bytes) {
+      free(p);
+      p = aligned_alloc(64, (want + 63) / 64 * 64);
+      bytes = p ? want : 0;
+    }
+    return p;
+  }
+  void release() { free(p); p = nullptr; bytes = 0; }
+};
+static Scratch g_x_scratch, g_w_scratch;
+
+// The prompt path; 0 on success (anything else: the caller falls back to the decode kernels).
+template <int WT>
+static int prompt_matmul(const float* x, const Elem<WT>* w, float* y, int64_t M, int64_t N, int64_t K) {
+  if (!onednn::available()) return -1;
+  std::lock_guard<std::mutex> lock(onednn::mutex);
+  bool bf16_math = WT != WT_F32 && (g.cpu.avx512bf16 || g.cpu.amx);
+  if constexpr (WT == WT_F32) {
+    onednn::Matmul* mm = onednn::get(M, N, K, N, onednn::dt_f32, onednn::dt_f32);
+    return mm ? onednn::run(mm, x, w, y) : -3;
+  } else {
+    const void* src = x;
+    if (bf16_math) {
+      uint16_t* x_bf16 = (uint16_t*)g_x_scratch.get(M * K * 2);
+      if (!x_bf16) return -2;
+      parallel_blocks(M * K, 1 << 16, [&](int64_t a, int64_t b) { f32_to_bf16_any(x + a, x_bf16 + a, b - a); });
+      src = x_bf16;
+      if constexpr (WT == WT_BF16) {
+        onednn::Matmul* mm = onednn::get(M, N, K, N, onednn::dt_bf16, onednn::dt_bf16);
+        return mm ? onednn::run(mm, src, w, y) : -3;
+      }
+    }
+    // Convert `chunk` rows of W at a time (to bfloat16 or, without bfloat16 arithmetic, float32), multiply.
+    int64_t chunk = std::min<int64_t>(N, g.onednn_chunk);
+    size_t element = bf16_math ? 2 : 4;
+    void* w_chunk = g_w_scratch.get(chunk * K * element);
+    if (!w_chunk) return -2;
+    int type = bf16_math ? onednn::dt_bf16 : onednn::dt_f32;
+    for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+      int64_t rows = std::min(chunk, N - n0);
+      const uint16_t* part = w + n0 * K;
+      parallel_blocks(rows * K, 1 << 15, [&](int64_t a, int64_t b) {
+        if (bf16_math) f16_to_bf16_any(part + a, (uint16_t*)w_chunk + a, b - a);
+        else widen_any<WT>(part + a, (float*)w_chunk + a, b - a);
+      });
+      onednn::Matmul* mm = onednn::get(M, rows, K, N, type, type);
+      if (!mm) return -3;
+      int status = onednn::run(mm, src, w_chunk, y + n0);
+      if (status) return status;
+    }
+    return 0;
+  }
+}
+
+template <int WT> static void matmul(const float* x, const Elem<WT>* w, float* y, int64_t M, int64_t N, int64_t K) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) { memset(y, 0, sizeof(float) * M * N); return; }
+  if (M >= g.m_large && g.large_path == LP_ONEDNN && prompt_matmul<WT>(x, w, y, M, N, K) == 0) return;
+  decode_matmul<WT>(x, w, y, M, N, K);
+}
+
+static int dispatch(const float* x, const void* w, int wt, float* y, int64_t M, int64_t N, int64_t K) {
+  ensure_init();
+  switch (wt) {
+    case WT_F32: matmul<WT_F32>(x, (const float*)w, y, M, N, K); return 0;
+    case WT_F16: matmul<WT_F16>(x, (const uint16_t*)w, y, M, N, K); return 0;
+    case WT_BF16: matmul<WT_BF16>(x, (const uint16_t*)w, y, M, N, K); return 0;
+    default: return 3;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ the API
+extern "C" {
+
+// The MindSpore op (ops.Custom, func_type "aot"): inputs x float32 [..., K] and W [N, K] (float32, float16 or
+// bfloat16), output y float32 [..., N].
+int LlavaMatmul(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
+                void* extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 3 || strcmp(dtypes[0], "float32") || strcmp(dtypes[2], "float32")) return 1;
+  int wt = !strcmp(dtypes[1], "float32") ? WT_F32 : !strcmp(dtypes[1], "float16") ? WT_F16
+           : !strcmp(dtypes[1], "bfloat16") ? WT_BF16 : -1;
+  if (wt < 0 || ndims[1] != 2 || ndims[0] < 1) return 2;
+  int64_t K = shapes[0][ndims[0] - 1], M = 1;
+  for (int i = 0; i < ndims[0] - 1; i++) M *= shapes[0][i];
+  if (shapes[1][1] != K) return 4;
+  return dispatch((const float*)params[0], params[1], wt, (float*)params[2], M, shapes[1][0], K);
+}
+
+// The same multiply on plain buffers (tests and benchmarks); wt: 0 float32, 1 float16, 2 bfloat16.
+int llava_matmul(const float* x, const void* w, int wt, float* y, int64_t M, int64_t N, int64_t K) {
+  return dispatch(x, w, wt, y, M, N, K);
+}
+
+// Where to find MindSpore's libdnnl.so.3 if it is not loaded yet.
+void llava_set_onednn_path(const char* path) { onednn::library_path = path ? path : ""; }
+
+// Force the paths (tests, benchmarks): small in {"scalar", "avx2", "avx512", "avx512bf16"} (a path the CPU lacks
+// falls back to the next one down), large in {"onednn", "decode"}; "" or a negative m_large: unchanged.
+int llava_configure(const char* small, const char* large, int64_t m_large) {
+  ensure_init();
+  static const char* small_names[] = {"scalar", "avx2", "avx512", "avx512bf16"};
+  if (small && *small) {
+    int path = -1;
+    for (int i = 0; i < 4; i++) if (!strcmp(small, small_names[i])) path = i;
+    if (path < 0) return -1;
+    g.small_path = path;
+  }
+  if (large && *large) {
+    if (!strcmp(large, "onednn")) g.large_path = LP_ONEDNN;
+    else if (!strcmp(large, "decode")) g.large_path = LP_DECODE;
+    else return -2;
+  }
+  if (m_large >= 0) g.m_large = m_large;
+  return 0;
+}
+
+// What this CPU and library will do, in one line.
+const char* llava_describe() {
+  ensure_init();
+  static const char* small_names[] = {"scalar", "avx2", "avx512", "avx512bf16"};
+  static char line[400];
+  bool have_onednn = onednn::available();
+  snprintf(line, sizeof line, "decode %s; prompts (%ld+ rows) %s; %d threads",
+           small_names[best_small_path_up_to(g.small_path)], (long)g.m_large,
+           g.large_path == LP_DECODE ? "decode kernels"
+           : !have_onednn ? ("decode kernels (oneDNN: " + onednn::api.error + ")").c_str()
+           : ("oneDNN " + onednn::api.version_string +
+              (g.cpu.amx ? " (16-bit weights: bfloat16 on AMX)" : g.cpu.avx512bf16 ? " (16-bit weights: bfloat16 on "
+               "AVX512-BF16)" : " (float32)")).c_str(),
+           g.nthreads);
+  return line;
+}
+
+// Index of the first element that is not finite (NaN or infinity), or -1; wt as for llava_matmul.
+int64_t llava_first_nonfinite(const void* data, int64_t n, int wt) {
+  ensure_init();
+  const int64_t block = 1 << 16;
+  std::atomic<int64_t> first{-1};
+  auto scan = [&](int64_t a, int64_t b) {  // all-ones exponent: infinity or NaN
+    int64_t found = -1;
+    if (wt == WT_F32) {
+      const uint32_t* p = (const uint32_t*)data;
+      for (int64_t i = a; i < b && found < 0; i++) if ((p[i] & 0x7f800000u) == 0x7f800000u) found = i;
+    } else {
+      const uint16_t* p = (const uint16_t*)data;
+      uint16_t exponent = wt == WT_F16 ? 0x7c00 : 0x7f80;
+      bool any = false;
+      for (int64_t i = a; i < b; i++) any |= (p[i] & exponent) == exponent;  // vectorizes: no early exit
+      if (any) for (int64_t i = a; i < b && found < 0; i++) if ((p[i] & exponent) == exponent) found = i;
+    }
+    if (found >= 0) {
+      int64_t current = first.load();
+      while ((current < 0 || found < current) && !first.compare_exchange_weak(current, found)) {}
+    }
+  };
+  parallel_blocks(n, block, scan);
+  return first.load();
+}
+
+void llava_release_scratch() { g_x_scratch.release(); g_w_scratch.release(); }
+
+}  // extern "C"

@@ -1,0 +1,143 @@
+"""llava-ms's CPU kernels (kernels/llava_kernels.cpp): the matmul of every linear layer on CPU, with float32
+activations and float32, float16 or bfloat16 weights stored [out, in], and a finite check for weights.
+
+MindSpore 2.9's CPU backend has no bfloat16 matmul and a float16 one several times slower than float32, so
+16-bit weights would otherwise be cast to float32 before every matmul (reading each weight three times, and
+keeping float32 copies of them all in a compiled graph). These kernels read each weight once at its own width:
+decode steps run our own AVX-512 / AVX2 kernels near memory bandwidth, prompts run oneDNN's bfloat16 matmul
+(AMX or AVX512-BF16) from the libdnnl.so.3 that MindSpore ships. Measurements: bench/RESULTS.md.
+
+`make setup` builds the library with g++ (`python research/llava/llava_kernels.py`); a missing library is
+built on first import. Without a compiler MATMUL is None and the model uses MindSpore's own MatMul.
+"""
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import ops
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(_HERE, "kernels", "llava_kernels.cpp")
+BUILD_DIR = os.path.join(_HERE, "kernels", "build")
+# Baseline x86-64 code: each ISA-specific function picks its instructions with __attribute__((target)), so
+# the library runs on any x86-64 CPU and chooses its paths at load time.
+_FLAGS = ["-O3", "-std=c++20", "-fPIC", "-shared", "-fno-math-errno", "-Wall", "-Wno-maybe-uninitialized",
+          "-Wno-uninitialized"]
+_LIBS = ["-ldl", "-lpthread"]
+_WEIGHT_TYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, "bfloat16": 2}
+
+
+def library_path(compiler=None):
+    """Where the library built from this source with these flags and this compiler lives."""
+    compiler = compiler or os.environ.get("CXX", "g++")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    with open(SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read() + " ".join(_FLAGS + _LIBS + [version]).encode()).hexdigest()[:16]
+    return os.path.join(BUILD_DIR, f"libllava_kernels-{digest}.so")
+
+
+def build():
+    """Compile the library if it is not built yet; returns its path. Raises RuntimeError without a compiler or
+    when compiling fails."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler}) to build the CPU kernels")
+    path = library_path(compiler)
+    if os.path.exists(path):
+        return path
+    os.makedirs(BUILD_DIR, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
+    os.close(handle)
+    result = subprocess.run([compiler, *_FLAGS, SOURCE, "-o", temporary, *_LIBS], capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(temporary)
+        raise RuntimeError(f"building the CPU kernels failed:\n{result.stderr[-3000:]}")
+    os.replace(temporary, path)  # whole or absent, also with two builds at once
+    return path
+
+
+def _load():
+    """(ctypes library, its path), or (None, why not)."""
+    try:
+        path = build()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        return None, str(error)
+    lib = ctypes.CDLL(path)
+    lib.llava_matmul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                                 ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    lib.llava_configure.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64]
+    lib.llava_describe.restype = ctypes.c_char_p
+    lib.llava_first_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    lib.llava_first_nonfinite.restype = ctypes.c_int64
+    lib.llava_set_onednn_path.argtypes = [ctypes.c_char_p]
+    lib.llava_set_onednn_path(os.path.join(os.path.dirname(ms.__file__), "lib", "libdnnl.so.3").encode())
+    return lib, path
+
+
+def _out_shape(x_shape, w_shape):
+    return list(x_shape[:-1]) + [w_shape[0]]
+
+
+def _out_dtype(x_dtype, w_dtype):
+    return ms.float32
+
+
+_LIB, _PATH_OR_ERROR = _load()
+# y[..., N] = x[..., K] @ W[N, K]^T, float32 out; in PyNative and in compiled graphs. Made at import: a
+# compiled graph can hold the op, but cannot run the Python that would make it.
+MATMUL = None if _LIB is None else ops.Custom(f"{_PATH_OR_ERROR}:LlavaMatmul", out_shape=_out_shape,
+                                              out_dtype=_out_dtype, func_type="aot")
+
+
+def available():
+    return _LIB is not None
+
+
+def describe():
+    """One line: what the kernels do on this CPU, or why they are not there."""
+    if _LIB is None:
+        return f"not available ({_PATH_OR_ERROR.splitlines()[0]})"
+    return _LIB.llava_describe().decode()
+
+
+def configure(small=None, large=None, m_large=None):
+    """Force paths (tests, benchmarks): small "scalar" | "avx2" | "avx512" | "avx512bf16" (a path the CPU lacks
+    falls back to the next one down), large "onednn" | "decode", m_large the first row count of the prompt path."""
+    status = _LIB.llava_configure((small or "").encode(), (large or "").encode(), -1 if m_large is None else m_large)
+    if status:
+        raise ValueError(f"unknown kernel path: small={small!r} large={large!r}")
+
+
+def _weight_type(array):
+    return _WEIGHT_TYPES["bfloat16" if array.dtype == np.uint16 else array.dtype]
+
+
+def matmul_numpy(x, weight):
+    """x float32 [M, K] @ weight [N, K]^T -> float32 [M, N] (uint16 weights are bfloat16 bit patterns)."""
+    x = np.ascontiguousarray(x, np.float32)
+    weight = np.ascontiguousarray(weight)
+    y = np.empty((x.shape[0], weight.shape[0]), np.float32)
+    _LIB.llava_matmul(x.ctypes.data, weight.ctypes.data, _weight_type(weight), y.ctypes.data, x.shape[0],
+                      weight.shape[0], x.shape[1])
+    return y
+
+
+def first_nonfinite(array):
+    """Flat index of the first NaN or infinity in a float32 / float16 / bfloat16-bits (uint16) array, or -1."""
+    array = np.ascontiguousarray(array)
+    if _LIB is None:
+        values = (array.astype(np.uint32) << 16).view(np.float32) if array.dtype == np.uint16 else array
+        bad = np.flatnonzero(~np.isfinite(values))
+        return int(bad[0]) if bad.size else -1
+    return int(_LIB.llava_first_nonfinite(array.ctypes.data, array.size, _weight_type(array)))
+
+
+if __name__ == "__main__":  # make setup: build now rather than at the first run
+    print(f"llava-ms CPU kernels: {describe()}", file=sys.stderr)
