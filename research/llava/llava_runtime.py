@@ -4,11 +4,14 @@ import os
 _cpu_threads_set = False
 
 
-def set_up_context(device_target="CPU", mode=1, threads=None, device_id=0, max_device_memory=None):
+def set_up_context(device_target="CPU", mode=1, threads=None, device_id=0, max_device_memory=None, output_dir=None):
     """MindSpore context for inference; safe to call more than once.
 
     device_id, max_device_memory (e.g. "58GB"): the YAML's `context:` keys, for Ascend and GPU (a CPU process
     has one device and no device memory of its own; under msrun each worker is given its device).
+
+    output_dir: where MindSpore's failure dumps go (MS_OM_PATH: `output_dir/rank_K/om/analyze_fail.ir` when a
+    graph fails to compile) instead of the working directory.
 
     (MindSpore's on-disk compile cache is deliberately not used: a graph cached for one image count was
     reused for another and failed in Reshape, see the notes of issue 4.)
@@ -24,6 +27,8 @@ def set_up_context(device_target="CPU", mode=1, threads=None, device_id=0, max_d
     if mode not in (0, 1):
         raise ValueError(f"mode must be 0 (graph) or 1 (PyNative), got {mode}")
     ms.set_context(mode=mode, device_target=device_target)
+    if output_dir is not None:  # read when a dump is written, so setting it now is in time
+        os.environ["MS_OM_PATH"] = os.path.abspath(output_dir)
     if device_target != "CPU":
         if device_id is not None:  # None under msrun, which gives each worker its device
             ms.set_context(device_id=device_id)
@@ -62,26 +67,42 @@ def quiet_logs(output_dir, verbose=False):
             handler.setLevel(logging.ERROR)
 
 
-def build_components(config, processor_config=None):
-    """Model, tokenizer and processor from a run config through MindFormers' registry (YAML `type:` and
-    `auto_register:` keys), checking that the tokenizer fits the model's vocabulary.
+def build_processor(processor_config, model_config):
+    """Tokenizer and processor from a processor section (with its `tokenizer:`) through MindFormers' registry,
+    sized by `model_config` (a LlavaConfig: no model is built): image size, image features per image and
+    context length follow it unless the section gives them (llava_run_config checks that they agree). The
+    tokenizer is checked against the model's vocabulary.
 
-    processor_config: the processor section, with its `tokenizer:` (default `config.processor`).
+    Returns:
+        (tokenizer, processor).
     """
     import copy  # pylint: disable=import-outside-toplevel
 
-    from mindformers.models.build_model import build_network  # pylint: disable=import-outside-toplevel
     from mindformers.models.build_tokenizer import build_tokenizer  # pylint: disable=import-outside-toplevel
     from mindformers.tools.register import (MindFormerModuleType,  # pylint: disable=import-outside-toplevel
                                             MindFormerRegister)
     from llava_tokenizer import check_vocab_fits  # pylint: disable=import-outside-toplevel
 
-    model = build_network(config.model)
-    processor_config = copy.deepcopy(processor_config if processor_config is not None else config.processor)
+    processor_config = copy.deepcopy(processor_config)
     tokenizer = build_tokenizer(processor_config.pop("tokenizer"))
+    vision = model_config.vision_config
     processor = MindFormerRegister.get_instance_from_cfg(
         processor_config, MindFormerModuleType.PROCESSOR,
-        default_args={"tokenizer": tokenizer, "num_image_features": model.num_image_features,
-                      "max_length": model.config.seq_length})
-    check_vocab_fits(tokenizer, model.config.text_config.vocab_size, model.config.image_token_id)
+        default_args={"tokenizer": tokenizer, "num_image_features": vision.num_image_features,
+                      "max_length": model_config.seq_length, "image_size": vision.image_size})
+    check_vocab_fits(tokenizer, model_config.text_config.vocab_size, model_config.image_token_id)
+    return tokenizer, processor
+
+
+def build_components(config, processor_config=None):
+    """Model, tokenizer and processor from a run config through MindFormers' registry (YAML `type:` and
+    `auto_register:` keys); the processor as `build_processor` makes it for the model.
+
+    processor_config: the processor section, with its `tokenizer:` (default `config.processor`).
+    """
+    from mindformers.models.build_model import build_network  # pylint: disable=import-outside-toplevel
+
+    model = build_network(config.model)
+    tokenizer, processor = build_processor(processor_config if processor_config is not None else config.processor,
+                                           model.config)
     return model, tokenizer, processor
