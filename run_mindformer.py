@@ -301,6 +301,8 @@ def main(argv=None):
     log = logging.getLogger("llava")
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        if args.output_dir:  # MindFormers makes its log folder there as it is imported
+            check_directory_path(args.output_dir, "--output_dir")
         register_plugin(args.register_path)
         from llava_runtime import quiet_logs
         quiet_logs(args.output_dir or "./output", args.verbose)
