@@ -185,6 +185,8 @@ class ResultsFile:
     NAME = "predict_results.jsonl"
 
     def __init__(self, output_dir):
+        from llava_runtime import check_directory_path
+
         check_directory_path(output_dir, "output_dir")
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, self.NAME)
@@ -198,15 +200,6 @@ class ResultsFile:
 
     def close(self):
         self._file.close()
-
-
-def check_directory_path(path, what):
-    """Raise ValueError if a directory cannot be made at `path` because it, or a folder above it, is a file."""
-    folder = os.path.abspath(path)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise ValueError(f"{what} {path}: {folder} is a file, not a directory")
 
 
 def encode_examples(processor, examples):
@@ -301,8 +294,6 @@ def main(argv=None):
     log = logging.getLogger("llava")
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        if args.output_dir:  # MindFormers makes its log folder there as it is imported
-            check_directory_path(args.output_dir, "--output_dir")
         register_plugin(args.register_path)
         from llava_runtime import quiet_logs
         quiet_logs(args.output_dir or "./output", args.verbose)

@@ -103,7 +103,7 @@ def test_directory_as_image_or_vocabulary(run_main, tmp_path):
 def test_output_dir_under_a_file(run_main, tmp_path):
     (tmp_path / "notes").write_text("")
     status, lines = run_main(extra=["--output_dir", str(tmp_path / "notes" / "out")])
-    assert status == 2 and lines == [f"run_mindformer.py: error: --output_dir {tmp_path / 'notes' / 'out'}: "
+    assert status == 2 and lines == [f"run_mindformer.py: error: output_dir {tmp_path / 'notes' / 'out'}: "
                                      f"{tmp_path / 'notes'} is a file, not a directory"]
 
 

@@ -9,11 +9,16 @@ walk the file record by record: neither needs more than one tensor in memory, wh
 
 What each tensor holds and in which order it is stored: llava_layout.py.
 """
+import contextlib
+import fcntl
+import glob
 import os
 import tempfile
 
 import numpy as np
 from mindspore.train.checkpoint_pb2 import Checkpoint
+
+from llava_runtime import check_directory_path
 
 # Each protobuf record is kept under MindSpore's own slice size, so MindSpore's reader accepts the file.
 _SLICE_BYTES = 512 * 1024 * 1024
@@ -69,17 +74,48 @@ def _record_header(name, shape, type_name, content_bytes):
     return _length_delimited(1, len(value_prefix) + content_bytes) + value_prefix  # Checkpoint.value = 1
 
 
+PARTIAL_PREFIX = ".partial-"  # a CheckpointWriter's file until it is complete; never a checkpoint to load
+
+
+def _missing_directories(path):
+    """`path` and those of its ancestors that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def remove_stale_partials(directory):
+    """Remove the partial files of writers that are gone (killed with -9, or the machine went down): a live writer
+    holds a lock on its partial file, which the system releases when the process ends however it ends."""
+    for path in glob.glob(os.path.join(glob.escape(directory), PARTIAL_PREFIX + "*.ckpt")):
+        with contextlib.suppress(OSError), open(path, "rb") as stale:
+            fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its writer is alive
+            os.remove(path)
+
+
 class CheckpointWriter:
     """Appends tensors to a `.ckpt` one at a time; the file appears at `path` only when closed cleanly.
 
-    Use as a context manager: on an exception the temporary file is removed and nothing is left at `path`.
+    Use as a context manager: on an exception the temporary file is removed and nothing is left at `path`, nor the
+    directories made for it. The temporary file (`.partial-*.ckpt` next to `path`) is locked while it is written;
+    partial files that no writer holds (left by `kill -9`) are removed when the next writer starts there.
     """
 
     def __init__(self, path):
         self.path = os.path.abspath(path)
         directory = os.path.dirname(self.path)
+        check_directory_path(directory, "cannot write")
+        self._made_directories = _missing_directories(directory)
         os.makedirs(directory, exist_ok=True)
-        handle, self._temp_path = tempfile.mkstemp(prefix=".partial-", suffix=".ckpt", dir=directory)
+        remove_stale_partials(directory)
+        while True:
+            handle, self._temp_path = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=".ckpt", dir=directory)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            if os.fstat(handle).st_nlink:  # still there: from now on any cleaner sees it locked
+                break
+            os.close(handle)  # another writer's clean-up took it between mkstemp and flock
         self._file = os.fdopen(handle, "wb")
         self.bytes_written = 0
 
@@ -102,17 +138,20 @@ class CheckpointWriter:
     def close(self):
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._file.close()
         # mkstemp creates the file owner-only; give it the permissions of any other file written here.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self._temp_path, 0o666 & ~umask)
         os.replace(self._temp_path, self.path)
+        self._file.close()  # releases the lock, after the rename: a cleaner never sees an unlocked partial
 
     def abort(self):
         self._file.close()
         if os.path.exists(self._temp_path):
             os.remove(self._temp_path)
+        for directory in self._made_directories:  # deepest first; only those left empty
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
 
     def __enter__(self):
         return self
@@ -216,8 +255,9 @@ def check_complete(seen, layout, source):
 
 def resolve_checkpoint_file(path):
     """A `.ckpt` file, or a directory holding exactly one (the layout MindFormers writes)."""
-    if os.path.isdir(path):
-        files = sorted(name for name in os.listdir(path) if name.endswith(".ckpt"))
+    if os.path.isdir(path):  # a writer's partial file is not a checkpoint
+        files = sorted(name for name in os.listdir(path) if name.endswith(".ckpt") and
+                       not name.startswith(PARTIAL_PREFIX))
         if len(files) != 1:
             raise CheckpointError(f"{path}: expected one .ckpt file in the directory, found {len(files)}"
                                   + (f" ({', '.join(files)})" if files else ""))

@@ -40,6 +40,15 @@ def set_up_context(device_target="CPU", mode=1, threads=None, device_id=0, max_d
         _cpu_threads_set = True
 
 
+def check_directory_path(path, what):
+    """Raise ValueError if a directory cannot be made at `path` because it, or a folder above it, is a file."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path}: {folder} is a file, not a directory")
+
+
 def quiet_logs(output_dir, verbose=False):
     """Keep MindSpore/MindFormers quiet unless `verbose`, and keep their files under `output_dir`.
 
@@ -51,6 +60,7 @@ def quiet_logs(output_dir, verbose=False):
     import io
     import logging
 
+    check_directory_path(output_dir, "output_dir")  # MindFormers makes its log folder there as it is imported
     output_dir = os.path.abspath(output_dir)
     os.environ.setdefault("LOCAL_DEFAULT_PATH", output_dir)
     os.environ.setdefault("OM_MODULES_CACHE", os.path.join(output_dir, "modules"))
