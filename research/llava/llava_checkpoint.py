@@ -12,6 +12,7 @@ What each tensor holds and in which order it is stored: llava_layout.py.
 import contextlib
 import fcntl
 import glob
+import math
 import os
 import tempfile
 
@@ -178,18 +179,17 @@ def _read_varint(stream):
 
 def _decode_tensor(tensor, chunks, path, name):
     type_name = tensor.tensor_type
-    content = b"".join(chunks)
-    if type_name == "BFloat16":
-        array = _bfloat16_bits_to_float(np.frombuffer(content, np.uint16))
-    elif type_name in _NUMPY_OF_CKPT_TYPE:
-        array = np.frombuffer(content, _NUMPY_OF_CKPT_TYPE[type_name])
-    else:
+    dtype = np.dtype(np.uint16 if type_name == "BFloat16" else _NUMPY_OF_CKPT_TYPE.get(type_name, np.void))
+    if dtype == np.void:
         raise CheckpointError(f"{path}: tensor {name!r} has unsupported type {type_name!r}")
+    content = b"".join(chunks)
     shape = tuple(tensor.dims)
-    if array.size != int(np.prod(shape, dtype=np.int64)):
-        raise CheckpointError(f"{path}: tensor {name!r} holds {array.size} values, its shape {shape} needs "
-                              f"{int(np.prod(shape))}: the file is truncated or corrupt")
-    return array.reshape(shape)
+    count = math.prod(shape)  # exact: numpy's product of corrupt dims could overflow into a plausible size
+    if min(shape, default=0) < 0 or len(content) != count * dtype.itemsize:
+        raise CheckpointError(f"{path}: tensor {name!r} holds {len(content)} bytes, its shape {shape} of {type_name} "
+                              f"needs {max(count, 0) * dtype.itemsize}: the file is truncated or corrupt")
+    array = np.frombuffer(content, dtype).reshape(shape)
+    return _bfloat16_bits_to_float(array) if type_name == "BFloat16" else array
 
 
 def iter_checkpoint(path):
@@ -200,6 +200,7 @@ def iter_checkpoint(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
     pending_name, pending_tensor, chunks = None, None, []
+    size = os.path.getsize(path)
     with open(path, "rb") as stream:
         while True:
             key = stream.read(1)
@@ -209,6 +210,8 @@ def iter_checkpoint(path):
                 if key != b"\x0a":
                     raise EOFError
                 length = _read_varint(stream)
+                if length > size - stream.tell():  # refused before a buffer of that length is made
+                    raise EOFError
                 payload = stream.read(length)
                 if len(payload) != length:
                     raise EOFError

@@ -53,6 +53,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -71,6 +72,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = (122, 116, 104)  # int(255 * CLIP_MEAN), the original LLaVA's pad colour
 IMAGE_TOKEN = "<image>"
 IMAGE_TAG = IMAGE_TOKEN + "\n"  # what the template puts before the question, once per image
+
+# PIL warns on stderr as it opens an image of 89 to 179 megapixels (and refuses larger ones); ours refuses everything
+# past 64 megapixels, so for images read here the warning would only be a second, stray line.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # The limits of the module docstring.
 MAX_IMAGE_SIDE = 8000
@@ -279,6 +284,9 @@ def decode_image(stream, name):
     except UnidentifiedImageError:  # its message shows the stream object, not the name
         raise ValueError(f"cannot read image {name!r}: not an image file of a supported format "
                          f"({', '.join(SUPPORTED_EXTENSIONS)})") from None
+    except Image.DecompressionBombError as err:  # PIL's own limit, far above ours, checked as it opens
+        raise ValueError(f"image {name!r} is too large ({err}); at most {MAX_IMAGE_SIDE} pixels on a side are "
+                         "accepted: downscale it") from None
     except unreadable as err:
         raise _unreadable(name, err) from None
     with image:
