@@ -165,3 +165,35 @@ def test_sigterm_during_start_up_is_one_line(tmp_path):
     assert process.returncode == 130
     assert stderr.strip().splitlines()[-1].startswith("run_mindformer.py: interrupted")
     assert "Traceback" not in stderr
+
+
+GRAPH_FAILURE = """
+import sys
+sys.path.insert(0, {plugin!r})
+import numpy as np
+import mindspore as ms
+from llava_runtime import set_up_context
+set_up_context("CPU", mode=0, output_dir={output_dir!r})
+
+
+@ms.jit
+def sixteen_values_into_twenty_one(x):
+    return ms.ops.reshape(x, (7, 3))
+
+
+try:
+    sixteen_values_into_twenty_one(ms.Tensor(np.ones((4, 4), np.float32)))
+except ValueError:
+    print("compile failed")
+"""
+
+
+def test_mindspore_failure_dumps_go_under_output_dir(tmp_path):
+    """A graph that fails to compile makes MindSpore write rank_0/om/analyze_fail.ir, by default in the working
+    directory (as a processor/model size mismatch once did in the user's)."""
+    script = tmp_path / "fails_to_compile.py"  # a file: MindSpore parses the function's source
+    script.write_text(GRAPH_FAILURE.format(plugin=PLUGIN, output_dir=str(tmp_path / "out")))
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "compile failed" in result.stdout, result.stderr[-2000:]
+    assert os.path.isfile(tmp_path / "out" / "rank_0" / "om" / "analyze_fail.ir")
+    assert not os.path.exists(tmp_path / "rank_0")
