@@ -284,6 +284,14 @@ def _check_and_answer(config, examples, checkpoint, results, log):
     return rows
 
 
+def _exit_at_once(signum, frame):
+    """Ctrl-C or SIGTERM while MindSpore and MindFormers are imported: an exception raised inside the
+    initialization of their C++ modules aborts the process or fails the import with a traceback, and nothing
+    has been written yet, so leave at once."""
+    os.write(2, b"run_mindformer.py: interrupted\n")
+    os._exit(130)
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt  # so SIGTERM unwinds as Ctrl-C does: answers kept, one line, exit 130
 
@@ -292,11 +300,14 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO if args.verbose else logging.WARNING)
     log = logging.getLogger("llava")
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_at_once)
     try:
         register_plugin(args.register_path)
         from llava_runtime import quiet_logs
-        quiet_logs(args.output_dir or "./output", args.verbose)
+        quiet_logs(args.output_dir or "./output", args.verbose)  # imports MindFormers, and MindSpore with it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         config = load_config(args)
         if config.get("run_mode") == "finetune":
             build_trainer(config).train(log=lambda message: print(message, flush=True))
