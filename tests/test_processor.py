@@ -3,6 +3,7 @@ HF LlavaProcessor (configured as llava-hf/llava-1.5-7b-hf)."""
 import functools
 import http.server
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -285,6 +286,9 @@ def test_url_that_is_not_an_image_does_not_show_the_stream(http_root):
     assert "BytesIO" not in str(info.value) and "not an image file of a supported format" in str(info.value)
 
 
+DRIP_BYTES = 40  # finite, so a regression fails (after 8 s) instead of hanging
+
+
 class _HostileHandler(http.server.BaseHTTPRequestHandler):
     """What a careless or hostile server does; the image at /image.png is a real one."""
 
@@ -313,24 +317,26 @@ class _HostileHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(self.image)))
             self.end_headers()
             self.wfile.write(self.image)
-        elif path == "/drip":  # a byte every 0.2 s: each read is quick, the whole never ends
+        elif path == "/drip":  # a byte every 0.2 s: each read is quick, the whole takes 8 s
             self.send_response(200)
-            self.send_header("Content-Length", "100000")
+            self.send_header("Content-Length", str(DRIP_BYTES))
             self.end_headers()
-            for _ in range(100000):
+            for _ in range(DRIP_BYTES):
                 self.wfile.write(b"x")
                 self.wfile.flush()
                 time.sleep(0.2)
         elif path == "/drip-headers":
             self.wfile.write(b"HTTP/1.1 200 OK\r\n")
-            for _ in range(100000):
+            for _ in range(DRIP_BYTES):
                 self.wfile.write(b"X-Slow: y\r\n")
                 self.wfile.flush()
                 time.sleep(0.2)
-        elif path == "/huge-declared":
+            self.close_connection = True
+        elif path == "/huge-declared":  # then nothing: the client must not wait for the body
             self.send_response(200)
             self.send_header("Content-Length", str(10 ** 10))
             self.end_headers()
+            self.close_connection = True
         elif path == "/huge-undeclared":  # no length: the body runs until the client stops reading
             self.send_response(200)
             self.send_header("Connection", "close")
@@ -411,6 +417,18 @@ def test_url_redirects_refused(hostile_server, path, reason):
 def test_url_redirects_on_the_same_server_are_followed(hostile_server):
     image = load_image(f"{hostile_server}/hops/{MAX_REDIRECTS - 1}")
     np.testing.assert_array_equal(np.asarray(image), np.asarray(noise(40, 30)))
+
+
+@pytest.mark.parametrize("arguments,message", [
+    ({"pad_to_square": "False"}, "pad_to_square must be true or false, got 'False'"),  # a string is truthy
+    ({"image_size": "336"}, "image_size must be an integer >= 1"),
+    ({"std": (0.2, 0, 0.3)}, "std must be 3 numbers > 0"),
+    ({"mean": 0.5}, "mean must be 3 numbers"),
+    ({"pad_color": (300, 0, 0)}, "pad_color must be 3 integers in 0..255"),
+])
+def test_image_processor_settings_are_checked(arguments, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LlavaImageProcessor(**arguments)
 
 
 # ----------------------------------------------------------------------------------------------- image limits
@@ -599,3 +617,10 @@ def test_built_from_yaml_config():
                                  "image_processor": {"type": "LlavaImageProcessor", "image_size": 336}})
     assert isinstance(processor.tokenizer, LlavaTokenizer)
     assert isinstance(processor.image_processor, LlavaImageProcessor) and processor.max_length == 4096
+
+
+def test_processor_sizes_are_checked(tokenizer):
+    with pytest.raises(ValueError, match="processor max_length must be an integer >= 1, got 0"):
+        LlavaProcessor(tokenizer, max_length=0)
+    with pytest.raises(ValueError, match="processor num_image_features must be an integer >= 1, got '576'"):
+        LlavaProcessor(tokenizer, num_image_features="576")

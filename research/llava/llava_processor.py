@@ -59,6 +59,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from llava_config import check_value, is_int, is_number
+
 __all__ = ["load_image", "decode_image", "check_image_size", "to_rgb", "expand_to_square", "LlavaImageProcessor",
            "build_prompt", "LlavaProcessor", "SUPPORTED_EXTENSIONS", "CLIP_MEAN", "CLIP_STD", "PAD_COLOR", "IMAGE_TOKEN",
            "MAX_IMAGE_SIDE", "MAX_ASPECT_RATIO", "URL_TIMEOUT_SECONDS", "MAX_DOWNLOAD_BYTES", "MAX_REDIRECTS"]
@@ -381,7 +383,16 @@ class LlavaImageProcessor:
     """
 
     def __init__(self, image_size=336, mean=CLIP_MEAN, std=CLIP_STD, pad_to_square=False, pad_color=PAD_COLOR):
-        self.image_size = int(image_size)
+        def three(valid):
+            return lambda v: isinstance(v, (list, tuple, np.ndarray)) and len(v) == 3 and all(map(valid, v))
+
+        check_value("image processor image_size", image_size, lambda v: is_int(v) and v >= 1, "an integer >= 1")
+        check_value("image processor mean", mean, three(is_number), "3 numbers")
+        check_value("image processor std", std, three(lambda v: is_number(v) and v > 0), "3 numbers > 0")
+        check_value("image processor pad_to_square", pad_to_square, lambda v: isinstance(v, bool), "true or false")
+        check_value("image processor pad_color", pad_color, three(lambda v: is_int(v) and 0 <= v <= 255),
+                    "3 integers in 0..255")
+        self.image_size = image_size
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         self.pad_to_square = pad_to_square
@@ -473,8 +484,10 @@ class LlavaProcessor:
         self.tokenizer = tokenizer
         self.image_processor = image_processor or LlavaImageProcessor(image_size=image_size,
                                                                       pad_to_square=pad_to_square)
-        self.num_image_features = int(num_image_features)
-        self.max_length = int(max_length)
+        for name, value in (("num_image_features", num_image_features), ("max_length", max_length)):
+            check_value(f"processor {name}", value, lambda v: is_int(v) and v >= 1, "an integer >= 1")
+        self.num_image_features = num_image_features
+        self.max_length = max_length
 
     def __call__(self, prompts, images=None):
         """Encode a batch.
