@@ -113,11 +113,7 @@ def _schema(run_mode):
                            "image_processor": _built(*_parameters(LlavaImageProcessor.__init__))}
     schema["parallel_config"] = dict(PARALLEL_KEYS)
     for key in IGNORED_KEYS:
-        *parents, last = key.split(".")
-        node = schema
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[last] = IGNORED
+        _set_by_path(schema, key, IGNORED, "IGNORED_KEYS")
     return schema
 
 
@@ -236,7 +232,7 @@ def _check_processor_fits(processor, model_config):
     """The processor's sizes, where the YAML gives them, must be the model's: the YAML ties them with aliases,
     which an --options override of one of them unties."""
     vision = model_config.vision_config
-    expected = {"image_size": (vision.image_size, "model.model_config.vision_config image_size"),
+    expected = {"image_size": (vision.image_size, "the vision config's image_size"),
                 "max_length": (model_config.seq_length, "model.model_config.seq_length"),
                 "num_image_features": (vision.num_image_features, "the vision config's features per image")}
     given = {key: (processor[key], f"processor.{key}") for key in expected if processor.get(key) is not None}
