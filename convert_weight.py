@@ -197,50 +197,47 @@ def convert_llava(input_path, output_path, dtype=None, progress=True, model_para
     summary = ConversionSummary(os.path.abspath(output_path), config, config_source, files, skipped=skipped,
                                 dtype=dtype, model_parallel=model_parallel,
                                 output_files=[os.path.abspath(path) for path in outputs])
+    check_outputs_spare_inputs(outputs, input_path, files)
     out_dtypes = {name: dtype or _SOURCE_DTYPES[file.tensors[hf_name][0]] for name, file, hf_name in plan}
     sizes = {name: file.tensors[hf_name][3] for name, file, hf_name in plan}
     metadata = metadata_of(config)
-    # Directories made here are removed again if the conversion fails (the writers remove their own files).
-    new_directories = [] if model_parallel == 1 else [
-        path for path in (*_missing_directories(output_path), *map(os.path.dirname, outputs))
-        if not os.path.exists(path)]
-    try:
-        with contextlib.ExitStack() as stack:
-            bar = stack.enter_context(_ProgressBar(sum(sizes.values()), len(plan), progress))
-            # A safetensors header lists every tensor first: this rank's shape and dtype of each.
-            declared = [(name, shard_shape(name, stored_shape_from_hf(name, file.tensors[hf_name][1]), model_parallel),
-                         out_dtypes[name]) for name, file, hf_name in plan]
-            writers = [stack.enter_context(CheckpointWriter(path, metadata) if fmt == "ckpt" else
-                                           SafetensorsWriter(path, declared, metadata)) for path in outputs]
-            for name, file, hf_name in plan:
-                array = file.read(hf_name)
-                if array.dtype == np.uint16:  # bfloat16 bits: a float32 holds them exactly
-                    array = (array.astype(np.uint32) << 16).view(np.float32)
-                check_finite(name, array, os.path.basename(file.path))
-                array = stored_from_hf(name, array, _NUMPY_DTYPES[out_dtypes[name]])
-                for rank, writer in enumerate(writers):
-                    writer.write(name, np.ascontiguousarray(shard(name, array, rank, model_parallel)), out_dtypes[name])
-                del array
-                summary.tensors_written += 1
-                summary.source_bytes += sizes[name]
-                bar.advance(sizes[name])
-            summary.output_bytes = sum(writer.bytes_written for writer in writers)
-    except BaseException:
-        for directory in sorted(map(os.path.abspath, new_directories), key=len, reverse=True):  # deepest first
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)  # only if empty
-        raise
+    # The writers remove their files, and the directories they made, if the conversion fails or is interrupted.
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(_ProgressBar(sum(sizes.values()), len(plan), progress))
+        # A safetensors header lists every tensor first: this rank's shape and dtype of each.
+        declared = [(name, shard_shape(name, stored_shape_from_hf(name, file.tensors[hf_name][1]), model_parallel),
+                     out_dtypes[name]) for name, file, hf_name in plan]
+        writers = [stack.enter_context(CheckpointWriter(path, metadata) if fmt == "ckpt" else
+                                       SafetensorsWriter(path, declared, metadata)) for path in outputs]
+        for name, file, hf_name in plan:
+            array = file.read(hf_name)
+            if array.dtype == np.uint16:  # bfloat16 bits: a float32 holds them exactly
+                array = (array.astype(np.uint32) << 16).view(np.float32)
+            check_finite(name, array, os.path.basename(file.path))
+            array = stored_from_hf(name, array, _NUMPY_DTYPES[out_dtypes[name]])
+            for rank, writer in enumerate(writers):
+                writer.write(name, np.ascontiguousarray(shard(name, array, rank, model_parallel)), out_dtypes[name])
+            del array
+            summary.tensors_written += 1
+            summary.source_bytes += sizes[name]
+            bar.advance(sizes[name])
+        summary.output_bytes = sum(writer.bytes_written for writer in writers)
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def _missing_directories(path):
-    """`path` and those of its ancestors that do not exist yet."""
-    missing, path = [], os.path.abspath(path)
-    while not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
+def check_outputs_spare_inputs(outputs, input_path, files):
+    """Raise CheckpointError if an output file would replace an input: a safetensors file, the index or
+    config.json (a conversion that writes over its own weights would destroy them, and could not even read them)."""
+    directory = input_path if os.path.isdir(input_path) else os.path.dirname(os.path.abspath(input_path))
+    inputs = [*files, *(os.path.join(directory, name) for name in ("config.json", "model.safetensors.index.json"))]
+    existing = [path for path in inputs if os.path.exists(path)]
+    for output in outputs:
+        for path in existing:
+            same = os.path.samefile(output, path) if os.path.exists(output) else False  # hard links too
+            if same or os.path.realpath(output) == os.path.realpath(path):
+                raise CheckpointError(f"output {output} is the input file {path}: writing it would destroy the "
+                                      "weights being converted; give another --output_path")
 
 
 class _ProgressBar(contextlib.AbstractContextManager):

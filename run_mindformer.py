@@ -11,20 +11,32 @@ model's is demo/train_llava.py):
     python run_mindformer.py --config demo/llava_tiny/finetune_llava_tiny.yaml \
         --register_path research/llava --run_mode finetune
 
-Classes come from the YAML's `type:` / `auto_register:` keys through MindFormers' registry. Each answer is
-printed, and OUTPUT_DIR/predict_results.jsonl gets one object per input:
-{"image", "prompt", "text", "token_ids"} (token_ids: the generated ids only).
+Classes come from the YAML's `type:` / `auto_register:` keys through MindFormers' registry; which keys a YAML
+may hold and how they are checked is research/llava/llava_run_config.py's.
+
+A predict run checks everything before it builds the model: the config, the checkpoint (an HF folder, a
+llava-ms file or rank shards, research/llava/llava_weights.py; the model's sizes, the vocabulary and the image
+normalization are taken from it when it says them, and the YAML's values checked against it), the output
+directory, the tokenizer, and every input (each image opened, decoded and preprocessed, each prompt tokenized
+and measured against the context). On CPU it picks what runs fast and fits (llava_runtime.plan_cpu) and says so
+in one line when that differs from the YAML; keys given with --options are never changed, only checked. Then it builds the model, loads the weights and answers; each answer is
+printed and appended, flushed, to OUTPUT_DIR/predict_results.jsonl (started empty by the run) as one object:
+{"image", "prompt", "text", "token_ids"} (token_ids: the generated ids only). An error or Ctrl-C later keeps
+every answer given so far.
+
+Bad input exits 2 with one line `run_mindformer.py: error: ...` (--verbose adds the traceback); Ctrl-C or
+SIGTERM exits 130 with one line.
 """
 import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
 
-import yaml
-
+import numpy as np
 
 
 def str_to_bool(value):
@@ -46,8 +58,11 @@ def parse_args(argv=None):
                         help="predict: answer --predict_data; finetune: train as the YAML says (train_llava.py)")
     parser.add_argument("--predict_data", nargs="+", default=None,
                         help="inputs in the order of --modal_type, repeated per example: IMAGE TEXT [IMAGE TEXT ...]")
-    parser.add_argument("--modal_type", nargs="+", default=None, help="modality of each item: image text")
-    parser.add_argument("--load_checkpoint", default=None, help="a .ckpt file, or a directory holding one")
+    parser.add_argument("--modal_type", nargs="+", default=None, choices=["image", "text"],
+                        help="modality of each item of an example: image text (or text alone)")
+    parser.add_argument("--load_checkpoint", default=None,
+                        help="an HF folder (config.json + safetensors), a llava-ms .ckpt/.safetensors (or a folder "
+                             "holding one), or a folder of rank_K/ shards")
     parser.add_argument("--use_parallel", type=str_to_bool, default=None)
     parser.add_argument("--auto_trans_ckpt", type=str_to_bool, default=None)
     parser.add_argument("--device_target", default=None, choices=["CPU", "Ascend", "GPU"])
@@ -61,37 +76,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def set_by_path(config, dotted_key, value):
-    """config['a']['b']['c'] = value for 'a.b.c'; missing levels are created."""
-    *parents, last = dotted_key.split(".")
-    node = config
-    for key in parents:
-        if node.get(key) is None:
-            node[key] = {}
-        node = node[key]
-    node[last] = value
-
-
 def load_config(args):
-    """The YAML with --options and the command-line flags applied (flags win)."""
-    from mindformers.tools.register import MindFormerConfig
+    """The run config: the YAML, --options, then the command-line flags (llava_run_config checks all of it)."""
+    from llava_run_config import load_run_config
 
-    if not os.path.isfile(args.config):
-        raise FileNotFoundError(f"config file not found: {args.config}")
-    config = MindFormerConfig(args.config)
-    for option in args.options:
-        if "=" not in option:
-            raise ValueError(f"--options takes KEY=VALUE, got {option!r}")
-        key, raw = option.split("=", 1)
-        set_by_path(config, key, yaml.safe_load(raw))
     flags = {"run_mode": args.run_mode, "load_checkpoint": args.load_checkpoint, "use_parallel": args.use_parallel,
              "auto_trans_ckpt": args.auto_trans_ckpt, "output_dir": args.output_dir, "seed": args.seed,
              "context.device_target": args.device_target, "context.mode": args.mode,
              "model.model_config.batch_size": args.predict_batch_size}
-    for key, value in flags.items():
-        if value is not None:
-            set_by_path(config, key, value)
-    return config
+    return load_run_config(args.config, args.options, flags)
 
 
 def register_plugin(register_path):
@@ -107,13 +100,23 @@ def register_plugin(register_path):
 
 def predict_examples(predict_data, modal_type):
     """Group --predict_data by --modal_type into [{"image": path or None, "prompt": text}]."""
-    modal_type = modal_type or ["text"]
-    unknown = sorted(set(modal_type) - {"image", "text"})
-    if unknown or modal_type.count("text") != 1:
-        raise ValueError(f"--modal_type takes 'image' and exactly one 'text', got {modal_type}")
-    if not predict_data or len(predict_data) % len(modal_type):
+    if not predict_data:
+        raise ValueError("--run_mode predict needs --predict_data: IMAGE TEXT pairs with --modal_type image text")
+    if not modal_type:
+        raise ValueError("--predict_data needs --modal_type, the modality of each item of an example: image text "
+                         "(or text for prompts without an image)")
+    if sorted(modal_type) not in (["text"], ["image", "text"]):
+        raise ValueError(f"--modal_type takes one 'text' and at most one 'image' (LLaVA-1.5 answers about one image "
+                         f"per prompt), got {' '.join(modal_type)}")
+    if len(predict_data) % len(modal_type):
         raise ValueError(f"--predict_data needs {len(modal_type)} items per example ({' '.join(modal_type)}), "
-                         f"got {len(predict_data or [])}")
+                         f"got {len(predict_data)}")
+    for number, item in enumerate(predict_data, start=1):
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal sent that are not UTF-8 arrive as lone surrogates
+            raw = item.encode("utf-8", "surrogateescape")
+            raise ValueError(f"--predict_data item {number} is not valid UTF-8: {raw[:60]!r}") from None
     examples = []
     for start in range(0, len(predict_data), len(modal_type)):
         items = dict(zip(modal_type, predict_data[start:start + len(modal_type)]))
@@ -145,8 +148,8 @@ def build_trainer(config):
 def set_up_parallel(config):
     """With --use_parallel: join the msrun job and check its size. Returns this process' rank."""
     parallel = config.get("parallel_config") or {}
-    model_parallel = int(parallel.get("model_parallel") or 1)
-    data_parallel = int(parallel.get("data_parallel") or 1)
+    model_parallel = parallel.get("model_parallel") or 1
+    data_parallel = parallel.get("data_parallel") or 1
     if not config.get("use_parallel"):
         config.model.model_config.model_parallel = 1
         return 0
@@ -180,75 +183,159 @@ def log_parameter_counts(model, log):
     log.info("rank %d/%d holds %d parameters, %d in the decoder layers", parallel.rank, parallel.size, total, decoder)
 
 
+class ResultsFile:
+    """OUTPUT_DIR/predict_results.jsonl: started empty, then one line appended and flushed per answer, so an error,
+    a crash or Ctrl-C later keeps every answer given (the one file not written whole and renamed)."""
+
+    NAME = "predict_results.jsonl"
+
+    def __init__(self, output_dir):
+        from llava_runtime import check_directory_path
+
+        check_directory_path(output_dir, "output_dir")
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, self.NAME)
+        self._file = open(self.path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+        self.count = 0
+
+    def append(self, row):
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+        self.count += 1
+
+    def close(self):
+        self._file.close()
+
+
+def encode_examples(processor, examples):
+    """Every example through the processor, before the model is built: a missing, unreadable or too large image
+    or a too long prompt fails here, naming the example. Returns one processor output per example."""
+    encoded = []
+    for number, item in enumerate(examples, start=1):
+        try:
+            ids = processor.encode_prompt(item["prompt"], 0 if item["image"] is None else 1, index=number)
+            pixels = None if item["image"] is None else processor.image_processor([item["image"]])
+        except (ValueError, OSError) as error:
+            raise ValueError(f"--predict_data example {number}: {error}") from None
+        encoded.append({"input_ids": [ids], "pixel_values": pixels})
+    return encoded
+
+
+def merge_inputs(encoded):
+    """Processor outputs of single examples -> one batch: their ids in order, the images of those that have one."""
+    pixels = [item["pixel_values"] for item in encoded if item["pixel_values"] is not None]
+    return {"input_ids": [ids for item in encoded for ids in item["input_ids"]],
+            "pixel_values": np.concatenate(pixels) if pixels else None}
+
+
 def explicit_keys(args):
     """The dotted keys the user set with --options: the run never changes them, only checks them."""
     return {option.split("=", 1)[0] for option in args.options}
 
 
 def run_predict(config, examples, log, explicit=()):
-    from llava_generation import answer
-    from llava_runtime import build_components, follow_checkpoint, plan_cpu, set_up_context
-    from llava_weights import load_weights
+    """Check everything, build and load the model, answer: see the module docstring. Returns the result rows."""
+    from llava_runtime import follow_checkpoint, set_up_context
 
-    if not config.get("load_checkpoint"):
+    checkpoint = config.get("load_checkpoint")
+    if not checkpoint:
         raise ValueError("no checkpoint: pass --load_checkpoint (an HF folder, or a file from convert_weight.py)")
+    if not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     changes = follow_checkpoint(config, explicit)
-    if changes:
-        log.warning("model sizes from the checkpoint: %s", ", ".join(changes))
-    plan, plan_changed = plan_cpu(config, explicit)
-    if plan:
-        (log.warning if plan_changed else log.info)(plan)
     context = config.get("context") or {}
     output_dir = config.get("output_dir") or "./output"
     set_up_context(device_target=context.get("device_target", "CPU"), mode=context.get("mode", 1),
                    device_id=None if config.get("use_parallel") else context.get("device_id", 0),
-                   max_device_memory=context.get("max_device_memory"))
+                   max_device_memory=context.get("max_device_memory"), output_dir=output_dir)
     rank = set_up_parallel(config)
+    results = ResultsFile(output_dir) if rank == 0 else None
+    try:
+        return _check_and_answer(config, examples, checkpoint, results, log, changes, explicit)
+    finally:
+        if results is not None:
+            results.close()
+
+
+def _check_and_answer(config, examples, checkpoint, results, log, changes, explicit):
+    from llava_generation import answer_inputs
+    from llava_run_config import model_config_of
+    from llava_runtime import build_processor, plan_cpu
+    from llava_weights import load_weights
+    from mindformers.models.build_model import build_network
+
     started = time.time()
-    model, tokenizer, processor = build_components(config)
-    source = load_weights(model, config.load_checkpoint, auto_trans_ckpt=bool(config.get("auto_trans_ckpt")),
-                          save_shards_to=os.path.join(output_dir, "transformed_checkpoint"))
+    plan, plan_changed = plan_cpu(config, explicit)
+    model_config = model_config_of(config)
+    tokenizer, processor = build_processor(config.processor, model_config)
+    encoded = encode_examples(processor, examples)
+    log.info("%d inputs checked in %.1f s", len(examples), time.time() - started)
+
+    started = time.time()
+    model = build_network(config.model)
+    source = load_weights(model, checkpoint, auto_trans_ckpt=bool(config.get("auto_trans_ckpt")),
+                          save_shards_to=os.path.join(config.get("output_dir") or "./output", "transformed_checkpoint"))
     log.info("model built and %s loaded in %.1f s", source, time.time() - started)
+    # Everything is checked and loaded: say what differs from the YAML (a line each) before the answers.
+    if changes:
+        log.warning("model sizes from the checkpoint: %s", ", ".join(changes))
+    if plan:
+        (log.warning if plan_changed else log.info)(plan)
     log_parameter_counts(model, log)
 
-    batch_size = int(config.model.model_config.get("batch_size") or 1)
-    results = []
-    answers = answer(model, tokenizer, processor, [item["prompt"] for item in examples],
-                     [item["image"] for item in examples], batch_size, seed=config.get("seed"))
-    for item, result in zip(examples, answers):
-        results.append({"image": item["image"], "prompt": item["prompt"], **result})
-        if rank == 0:
-            print(f"{item['prompt']}\n{result['text']}\n", flush=True)
+    rows, batch_size = [], model_config.batch_size
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = merge_inputs(encoded[start:start + batch_size])
+            for item, result in zip(examples[start:start + batch_size],
+                                    answer_inputs(model, tokenizer, batch, seed=config.get("seed"))):
+                rows.append({"image": item["image"], "prompt": item["prompt"], **result})
+                if results is not None:
+                    print(f"{item['prompt']}\n{result['text']}\n", flush=True)
+                    results.append(rows[-1])
+    except KeyboardInterrupt:
+        kept = f"{results.count} of {len(examples)} answers kept in {results.path}" if results is not None else ""
+        raise KeyboardInterrupt(kept) from None
+    if results is not None:
+        log.info("results written to %s", results.path)
+    return rows
 
-    if rank != 0:
-        return results
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "predict_results.jsonl")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for result in results:
-            f.write(json.dumps(result, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
-    log.info("results written to %s", path)
-    return results
+
+def _exit_at_once(signum, frame):
+    """Ctrl-C or SIGTERM while MindSpore and MindFormers are imported: an exception raised inside the
+    initialization of their C++ modules aborts the process or fails the import with a traceback, and nothing
+    has been written yet, so leave at once."""
+    os.write(2, b"run_mindformer.py: interrupted\n")
+    os._exit(130)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt  # so SIGTERM unwinds as Ctrl-C does: answers kept, one line, exit 130
 
 
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO if args.verbose else logging.WARNING)
     log = logging.getLogger("llava")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_at_once)
     try:
         register_plugin(args.register_path)
         from llava_runtime import quiet_logs
-        quiet_logs(args.output_dir or "./output", args.verbose)
+        quiet_logs(args.output_dir or "./output", args.verbose)  # imports MindFormers, and MindSpore with it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         config = load_config(args)
-        run_mode = config.get("run_mode") or "predict"
-        if run_mode == "finetune":
+        if config.get("run_mode") == "finetune":
             build_trainer(config).train(log=lambda message: print(message, flush=True))
             return 0
-        if run_mode != "predict":
-            raise ValueError(f"run_mode {run_mode!r} is not supported; use predict or finetune")
         examples = predict_examples(args.predict_data, args.modal_type)
         run_predict(config, examples, log, explicit_keys(args))
+    except KeyboardInterrupt as interrupt:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"run_mindformer.py: interrupted{f'; {interrupt}' if str(interrupt) else ''}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, KeyError) as error:
         if args.verbose:
             traceback.print_exc()

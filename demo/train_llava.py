@@ -283,7 +283,8 @@ def _section(config, name):
 def run_finetune(config, log=print):
     """Train as the YAML says; returns a summary dict (steps, losses, seconds, checkpoint, evaluation)."""
     context = _section(config, "context")
-    set_up_context(device_target=context.get("device_target", "CPU"), mode=context.get("mode", 1))
+    set_up_context(device_target=context.get("device_target", "CPU"), mode=context.get("mode", 1),
+                   output_dir=config.get("output_dir") or "./output")
     seed = int(config.get("seed") or 0)
     ms.set_seed(seed)
     data = _section(config, "train_dataset")

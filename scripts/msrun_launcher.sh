@@ -10,8 +10,8 @@
 #
 # Defaults: WORKER_NUM 8, MASTER_ADDR 127.0.0.1, MASTER_PORT 8118, LOG_DIR output/msrun_log, JOIN True,
 # CLUSTER_TIME_OUT 7200. CMD is split with shell quoting rules, so a quoted multi-word prompt inside it stays
-# one argument. Workers run the project's .venv python; each logs to LOG_DIR/worker_K.log. The exit status is
-# non-zero when any worker failed.
+# one argument. Workers run the project's .venv python; each logs to LOG_DIR/worker_K.log. When a worker fails,
+# one line names it and its log, and the exit status is the worker's (2 for bad input); Ctrl-C exits 130.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,12 +59,30 @@ mapfile -d '' arguments < "$arguments_file"
 [ "${#arguments[@]}" -ge 1 ] || { echo "msrun_launcher.sh: empty command" >&2; usage; }
 
 mkdir -p "$log_dir"
+rm -f "$log_dir"/worker_*.status
+
+interrupted=0
+trap 'interrupted=1' INT
 echo "msrun_launcher.sh: $worker_num worker(s) ($local_worker on this node), logs in $log_dir" >&2
 status=0
+# Each worker runs CMD through msrun_worker.py, which records a failing worker's status in LOG_DIR/worker_K.status.
+# msrun's own report of a failure (its log lines and a Python traceback) goes to LOG_DIR/msrun.err.
 msrun --worker_num="$worker_num" --local_worker_num="$local_worker" --master_addr="$master_addr" \
       --master_port="$master_port" --node_rank="$node_rank" --log_dir="$log_dir" --join="$join" \
-      --cluster_time_out="$cluster_time_out" "${arguments[@]}" || status=$?
+      --cluster_time_out="$cluster_time_out" "$repo_root/scripts/msrun_worker.py" "$log_dir" "${arguments[@]}" \
+      2> "$log_dir/msrun.err" || status=$?
+if [ "$interrupted" -eq 1 ]; then
+  echo "msrun_launcher.sh: interrupted; workers stopped, logs in $log_dir" >&2
+  exit 130
+fi
 if [ "$status" -ne 0 ]; then
-  echo "msrun_launcher.sh: a worker failed (exit $status); see $log_dir/worker_*.log" >&2
+  mapfile -t records < <(printf '%s\n' "$log_dir"/worker_*.status | sort -V)  # the lowest rank first
+  if [ -e "${records[0]}" ]; then
+    worker="$(basename "${records[0]}" .status)"
+    status="$(tr -d '[:space:]' < "${records[0]}")"
+    echo "msrun_launcher.sh: ${worker/_/ } failed with exit status $status; see $log_dir/$worker.log" >&2
+    exit "$status"
+  fi
+  echo "msrun_launcher.sh: msrun failed (exit $status) before any worker did; see $log_dir/msrun.err" >&2
 fi
 exit "$status"

@@ -4,6 +4,7 @@ Every converted tensor is compared exactly with the HF tensor transformed by rul
 independently of the converter; the three naming layouts, single-file and sharded input, output dtypes,
 each kind of bad checkpoint (with the message it must give), and interruptions (nothing left behind).
 """
+import glob
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ from llava_checkpoint import (METADATA_NAME, CheckpointError, CheckpointWriter, 
                               iter_checkpoint)
 from llava_config import LlavaConfig, architecture, config_from_hf
 from llava_layout import LAYOUT_VERSION, checkpoint_layout
+from llava_weights import resolve_weights_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUTS = ("hub", "in_memory", "v5")
@@ -353,7 +355,7 @@ def test_error_on_a_late_tensor_leaves_nothing(hub_dir, tmp_path, monkeypatch):
     out_dir = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk gone"):
         convert_llava(hub_dir, str(out_dir / "llava.ckpt"), progress=False)
-    assert os.listdir(out_dir) == []
+    assert not os.path.exists(out_dir)  # nor the directory made for the output
 
 
 def test_failed_conversion_keeps_the_previous_output(hub_dir, tmp_path, monkeypatch):
@@ -381,27 +383,82 @@ sys.exit(convert_weight.main(sys.argv[1:]))
 """
 
 
+def start_slow_conversion(source, output, cwd, *extra):
+    """The converter's command line, each tensor read slowed down; returns once it is writing `output`'s
+    partial files (`output` a .ckpt, or with --model_parallel a directory of rank_K/)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLI.format(repo=REPO, plugin=os.path.join(REPO, "research", "llava")),
+         "--model", "llava", "--input_path", source,
+         "--output_path", str(output), *extra], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partials = os.path.join(glob.escape(str(output)), "*", ".partial-*") if extra else \
+        os.path.join(glob.escape(os.path.dirname(str(output))), ".partial-*")
+    deadline = time.monotonic() + 120
+    while not glob.glob(partials):  # the temporary files exist: writing has begun
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    return process
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_conversion_leaves_nothing(hub_dir, tmp_path, signum):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_CLI.format(repo=REPO, plugin=os.path.join(REPO, "research", "llava")),
-         "--model", "llava", "--input_path", hub_dir,
-         "--output_path", str(out_dir / "llava.ckpt")],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_slow_conversion(hub_dir, out_dir / "new" / "llava.ckpt", tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while not leftovers(out_dir):  # the temporary file exists: writing has begun
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.05)
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
     assert process.returncode == 130
     assert stderr.strip().splitlines()[-1] == "convert_weight: interrupted; nothing was written"
-    assert os.listdir(out_dir) == []
+    assert os.listdir(out_dir) == []  # neither a partial file nor the folder made for the output
+
+
+def test_partial_files_left_by_kill_9_are_ignored_then_removed(hub_dir, tmp_path):
+    """kill -9 leaves each rank's partial file; loading the directory ignores them (it used to find 2 .ckpt), and
+    the next conversion there removes them."""
+    shards = tmp_path / "shards"
+    process = start_slow_conversion(hub_dir, shards, tmp_path, "--model_parallel", "2")
+    process.kill()
+    process.communicate(timeout=60)
+    assert [len(leftovers(shards / f"rank_{rank}")) for rank in range(2)] == [1, 1]
+    convert_llava(hub_dir, str(shards), progress=False, model_parallel=2)
+    for rank in range(2):
+        assert os.listdir(shards / f"rank_{rank}") == ["llava.ckpt"]
+    stale = shards / "rank_0" / ".partial-left-by-a-crash.ckpt"
+    stale.write_bytes(b"half a tensor")
+    assert resolve_weights_file(str(shards / "rank_0")) == str(shards / "rank_0" / "llava.ckpt")
+
+
+def test_a_live_writers_partial_file_is_left_alone(tmp_path):
+    with CheckpointWriter(str(tmp_path / "first.ckpt")) as first:
+        first.write("a", np.zeros(3, np.float32))
+        with CheckpointWriter(str(tmp_path / "second.ckpt")) as second:
+            second.write("b", np.ones(2, np.float32))
+            assert len(leftovers(tmp_path)) == 2
+    assert sorted(os.listdir(tmp_path)) == ["first.ckpt", "second.ckpt"]
+
+
+def test_output_that_is_an_input_is_refused(hub_dir, tmp_path):
+    """`--output_path` equal to the input's model.safetensors (or its config.json, or a link to either) used to
+    replace the weights and exit 0."""
+    weights = os.path.join(hub_dir, "model.safetensors")
+    original = open(weights, "rb").read()
+    os.link(weights, tmp_path / "hard_link.ckpt")
+    os.symlink(os.path.join(hub_dir, "config.json"), tmp_path / "link.ckpt")
+    for output in (weights, os.path.join(hub_dir, "config.json"), str(tmp_path / "hard_link.ckpt"),
+                   str(tmp_path / "link.ckpt")):
+        with pytest.raises(CheckpointError, match="writing it would destroy the weights being converted"):
+            convert_llava(hub_dir, output, progress=False)
+    with pytest.raises(CheckpointError, match=f"output {re.escape(weights)} is the input file"):
+        convert_llava(weights, weights, progress=False)
+    assert open(weights, "rb").read() == original and leftovers(hub_dir) == []
+
+
+def test_output_under_a_file_is_named(hub_dir, tmp_path):
+    (tmp_path / "notes").write_text("")
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'notes'))} is a file, not a directory"):
+        convert_llava(hub_dir, str(tmp_path / "notes" / "llava.ckpt"), progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,14 +6,17 @@ HuggingFace greedy tokens, which test_run_mindformer.py shows the single-card ru
 log says how many parameters its rank holds. The errors are checked without msrun where the code allows,
 and the world-size check and the launcher's own argument handling and exit status through small launches.
 """
+import contextlib
 import json
 import math
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import textwrap
+import time
 
 import pytest
 
@@ -178,8 +181,9 @@ def test_world_size_must_match_the_parallel_config(setup, tmp_path):
     output_dir, log_dir = tmp_path / "out", tmp_path / "log"
     command_line = predict_command(setup, setup["ckpt"], output_dir, True, model_parallel=1)
     result = launch(command_line.replace(" --verbose", ""), 2, log_dir, tmp_path)
-    assert result.returncode != 0
-    assert "a worker failed" in result.stderr
+    assert result.returncode == 2  # the workers' status for bad input, not msrun's 1
+    assert re.fullmatch(f"msrun_launcher.sh: worker [01] failed with exit status 2; see {log_dir}/worker_[01].log",
+                        result.stderr.strip().splitlines()[-1])
     errors = [line for text in worker_logs(log_dir).values() for line in text.splitlines()
               if line.startswith("run_mindformer.py: error:")]
     assert errors, worker_logs(log_dir)
@@ -221,10 +225,36 @@ def test_launcher_keeps_quoted_arguments_whole(argv_script, tmp_path):
 
 
 def test_launcher_fails_when_a_worker_fails(argv_script, tmp_path):
+    """msrun reports any failure as its own exit 1 with a traceback; the launcher names the worker and exits with
+    its status."""
     env = dict(os.environ, ARGV_DIR=str(tmp_path), WORKER_EXIT="3")
     result = launch(f"{argv_script} x", 1, tmp_path / "log", tmp_path, env=env, timeout=120)
-    assert result.returncode != 0  # msrun reports any worker failure as its own exit status 1
-    assert "a worker failed" in result.stderr
+    assert result.returncode == 3
+    assert result.stderr.strip().splitlines()[-1] == (f"msrun_launcher.sh: worker 0 failed with exit status 3; "
+                                                      f"see {tmp_path / 'log'}/worker_0.log")
+    assert "Traceback" not in result.stderr
+
+
+def test_launcher_ctrl_c_is_one_line(tmp_path):
+    script = tmp_path / "sleep.py"
+    script.write_text("import time\ntime.sleep(600)\n")
+    process = subprocess.Popen(["bash", LAUNCHER, str(script), "1", str(free_port()), str(tmp_path / "log"), "True",
+                                str(CLUSTER_TIME_OUT)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(tmp_path / "log" / "worker_0.log"):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        time.sleep(1)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1] == ("msrun_launcher.sh: interrupted; workers stopped, logs in "
+                                               f"{tmp_path / 'log'}")
 
 
 def test_launcher_usage_errors(tmp_path):

@@ -3,16 +3,22 @@ HF LlavaProcessor (configured as llava-hf/llava-1.5-7b-hf)."""
 import functools
 import http.server
 import os
+import re
 import socket
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 from PIL import Image, features
 
 # The plugin (MindSpore) must be imported before transformers touches protobuf.
-from llava_processor import (CLIP_MEAN, CLIP_STD, PAD_COLOR, SUPPORTED_EXTENSIONS, LlavaImageProcessor,
-                             LlavaProcessor, build_prompt, load_image)
+from conftest import PLUGIN
+from llava_processor import (CLIP_MEAN, CLIP_STD, MAX_ASPECT_RATIO, MAX_DOWNLOAD_BYTES, MAX_IMAGE_SIDE,
+                             MAX_REDIRECTS, PAD_COLOR, SUPPORTED_EXTENSIONS, LlavaImageProcessor, LlavaProcessor,
+                             build_prompt, load_image)
 from llava_tokenizer import LlavaTokenizer
 from mindformers.models.build_processor import build_processor
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
@@ -22,7 +28,7 @@ import transformers
 
 IMAGE_ID = 32000
 SIZES = [(336, 336), (640, 480), (480, 640), (1000, 250), (250, 1000), (337, 335), (335, 337), (101, 57),
-         (7, 3), (1, 1), (4, 90)]
+         (7, 3), (1, 1), (5, 100)]  # 5x100: the largest aspect ratio accepted (MAX_ASPECT_RATIO)
 MODES = ["RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "1", "I", "F", "YCbCr"]
 
 
@@ -272,6 +278,225 @@ def test_unreachable_url_names_the_url():
     assert url in str(info.value)
 
 
+def test_url_that_is_not_an_image_does_not_show_the_stream(http_root):
+    directory, base = http_root
+    (directory / "page.html").write_text("<html>hello</html>")
+    with pytest.raises(ValueError) as info:
+        load_image(f"{base}/page.html")
+    assert "BytesIO" not in str(info.value) and "not an image file of a supported format" in str(info.value)
+
+
+DRIP_BYTES = 40  # finite, so a regression fails (after 8 s) instead of hanging
+
+
+class _HostileHandler(http.server.BaseHTTPRequestHandler):
+    """What a careless or hostile server does; the image at /image.png is a real one."""
+
+    protocol_version = "HTTP/1.1"
+    image = b""
+
+    def log_message(self, *args):
+        pass
+
+    def redirect(self, location):
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        try:
+            self.answer()
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+            pass
+
+    def answer(self):
+        path = self.path
+        if path == "/image.png":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.image)))
+            self.end_headers()
+            self.wfile.write(self.image)
+        elif path == "/drip":  # a byte every 0.2 s: each read is quick, the whole takes 8 s
+            self.send_response(200)
+            self.send_header("Content-Length", str(DRIP_BYTES))
+            self.end_headers()
+            for _ in range(DRIP_BYTES):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+        elif path == "/drip-headers":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(DRIP_BYTES):
+                self.wfile.write(b"X-Slow: y\r\n")
+                self.wfile.flush()
+                time.sleep(0.2)
+            self.close_connection = True
+        elif path == "/huge-declared":  # then nothing: the client must not wait for the body
+            self.send_response(200)
+            self.send_header("Content-Length", str(10 ** 10))
+            self.end_headers()
+            self.close_connection = True
+        elif path == "/huge-undeclared":  # no length: the body runs until the client stops reading
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            block = b"\0" * (1 << 20)
+            for _ in range(MAX_DOWNLOAD_BYTES // len(block) + 10):
+                self.wfile.write(block)
+        elif path == "/to-ftp":
+            self.redirect("ftp://127.0.0.1/image.png")
+        elif path == "/to-file":
+            self.redirect("file:///etc/passwd")
+        elif path == "/to-other-port":
+            self.redirect(f"http://127.0.0.1:{self.server.other_port}/image.png")
+        elif path == "/loop":
+            self.redirect("/loop")
+        elif path.startswith("/hops/"):  # /hops/N: N + 1 redirects on the same host and port, then the image
+            left = int(path.rsplit("/", 1)[1])
+            self.redirect(f"/hops/{left - 1}" if left else "/image.png")
+        else:
+            self.send_error(404)
+
+
+@pytest.fixture(scope="module")
+def hostile_server():
+    """A server on 127.0.0.1 with the handler above; yields its base URL."""
+    with socket.socket() as probe:  # a port nothing listens on, for the redirect to another port
+        probe.bind(("127.0.0.1", 0))
+        other_port = probe.getsockname()[1]
+    buffer = __import__("io").BytesIO()
+    noise(40, 30).save(buffer, format="PNG")
+    handler = type("Handler", (_HostileHandler,), {"image": buffer.getvalue()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    server.other_port = other_port
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def url_error(url, timeout=1.0):
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="could not download image") as info:
+        load_image(url, timeout=timeout)
+    assert url in str(info.value) and len(str(info.value).splitlines()) == 1
+    return str(info.value), time.monotonic() - started
+
+
+@pytest.mark.parametrize("path", ["/drip", "/drip-headers"])
+def test_url_deadline_covers_the_whole_download(hostile_server, path):
+    """A byte every 0.2 s never trips a per-read timeout; the deadline ends the download all the same."""
+    message, seconds = url_error(hostile_server + path, timeout=1.0)
+    assert "no complete answer within 1 s" in message
+    assert seconds < 2.5
+
+
+def test_url_body_over_the_byte_cap(hostile_server):
+    message, seconds = url_error(hostile_server + "/huge-declared")
+    assert f"10000000000 bytes, more than the {MAX_DOWNLOAD_BYTES}" in message and seconds < 1
+    message, _ = url_error(hostile_server + "/huge-undeclared", timeout=20)
+    assert f"more than the {MAX_DOWNLOAD_BYTES} bytes" in message
+
+
+@pytest.mark.parametrize("path,reason", [
+    ("/to-ftp", "only http and https are followed"),
+    ("/to-file", "Redirection to url 'file:///etc/passwd' is not allowed"),  # urllib's own refusal
+    ("/to-other-port", "may change the port only to http's standard port 80"),
+    ("/loop", f"more than {MAX_REDIRECTS} redirects, or a redirect loop"),
+    (f"/hops/{MAX_REDIRECTS}", f"more than {MAX_REDIRECTS} redirects"),
+])
+def test_url_redirects_refused(hostile_server, path, reason):
+    assert reason in url_error(hostile_server + path)[0]
+
+
+def test_url_redirects_on_the_same_server_are_followed(hostile_server):
+    image = load_image(f"{hostile_server}/hops/{MAX_REDIRECTS - 1}")
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(noise(40, 30)))
+
+
+@pytest.mark.parametrize("arguments,message", [
+    ({"pad_to_square": "False"}, "pad_to_square must be true or false, got 'False'"),  # a string is truthy
+    ({"image_size": "336"}, "image_size must be an integer >= 1"),
+    ({"std": (0.2, 0, 0.3)}, "std must be 3 numbers > 0"),
+    ({"mean": 0.5}, "mean must be 3 numbers"),
+    ({"pad_color": (300, 0, 0)}, "pad_color must be 3 integers in 0..255"),
+])
+def test_image_processor_settings_are_checked(arguments, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LlavaImageProcessor(**arguments)
+
+
+# ----------------------------------------------------------------------------------------------- image limits
+
+def test_directory_is_not_an_image(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        load_image(str(tmp_path))
+
+
+def test_only_supported_formats_are_decoded(tmp_path):
+    """An EPS file named .png is not handed to PIL's EPS plugin (which runs Ghostscript)."""
+    path = tmp_path / "vector.png"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(ValueError, match="not an image file of a supported format"):
+        load_image(str(path))
+
+
+@pytest.mark.parametrize("size", [(MAX_IMAGE_SIDE, 400), (400, MAX_IMAGE_SIDE), (1, MAX_ASPECT_RATIO),
+                                  (MAX_ASPECT_RATIO * 3, 3)])
+def test_images_at_the_limits_are_accepted(tmp_path, size):
+    path = tmp_path / "edge.png"
+    Image.new("L", size).save(path)
+    assert load_image(str(path)).size == size
+    assert LlavaImageProcessor(image_size=28, pad_to_square=True)([str(path)]).shape == (1, 3, 28, 28)
+
+
+# Each a file of a few hundred bytes to a few kB (or a PIL image of that file) whose preprocessing would take gigabytes:
+# 1 x 100000 (resized to 336 x 33.6 million), 1 x 5000 at 336 (6 GB measured before the limits), 1 x 20000
+# with pad_to_square (a 20000 x 20000 canvas), and a side over the limit.
+BOMBS = [(1, 100000, False), (1, 5000, False), (20000, 1, True), (MAX_IMAGE_SIDE + 1, 500, True)]
+BOMB_SCRIPT = """
+import resource, sys
+sys.path.insert(0, {plugin!r})
+from PIL import Image
+from llava_processor import LlavaImageProcessor
+# Room for the small images of this test only: a regression fails here instead of swapping the machine.
+with open("/proc/self/status") as status:
+    virtual = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (virtual + (512 << 20), resource.RLIM_INFINITY))
+for path, pad in {cases!r}:
+    for image in (path, Image.open(path)):
+        try:
+            LlavaImageProcessor(image_size=336, pad_to_square=pad)([image])
+            print("RESULT accepted", path)
+        except ValueError as error:
+            print("RESULT", error)
+"""
+
+
+def test_tiny_files_with_huge_preprocessing_are_refused_before_allocating(tmp_path):
+    cases = []
+    for index, (width, height, pad) in enumerate(BOMBS):
+        path = str(tmp_path / f"bomb{index}.png")
+        Image.new("L", (width, height)).save(path)
+        assert os.path.getsize(path) < 5000
+        cases.append((path, pad))
+    result = subprocess.run([sys.executable, "-c", BOMB_SCRIPT.format(plugin=PLUGIN, cases=cases)],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 2 * len(BOMBS), result.stdout
+    for (width, height, _), file_line, pil_line in zip(BOMBS, lines[::2], lines[1::2]):
+        limit = f"at most {MAX_IMAGE_SIDE} pixels on a side" if max(width, height) > MAX_IMAGE_SIDE else \
+            f"aspect ratio (long side / short side) of at most {MAX_ASPECT_RATIO}"
+        assert f"is {width}x{height} pixels" in file_line and limit in file_line, file_line
+        assert f"is {width}x{height} pixels" in pil_line and limit in pil_line, pil_line
+
+
 # ----------------------------------------------------------------------------------------------- prompts
 
 def test_build_prompt():
@@ -392,3 +617,10 @@ def test_built_from_yaml_config():
                                  "image_processor": {"type": "LlavaImageProcessor", "image_size": 336}})
     assert isinstance(processor.tokenizer, LlavaTokenizer)
     assert isinstance(processor.image_processor, LlavaImageProcessor) and processor.max_length == 4096
+
+
+def test_processor_sizes_are_checked(tokenizer):
+    with pytest.raises(ValueError, match="processor max_length must be an integer >= 1, got 0"):
+        LlavaProcessor(tokenizer, max_length=0)
+    with pytest.raises(ValueError, match="processor num_image_features must be an integer >= 1, got '576'"):
+        LlavaProcessor(tokenizer, num_image_features="576")

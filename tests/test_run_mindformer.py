@@ -125,10 +125,18 @@ def test_corrupt_image(setup):
     assert "broken.png" in run_failing(setup, image=str(path))
 
 
-def test_checkpoint_that_does_not_fit_the_config(setup):
+def test_checkpoint_that_does_not_fit_the_config(setup, tmp_path):
+    # The converted checkpoint says its sizes: a size given otherwise is named with the checkpoint's.
     error = run_failing(setup, options=["model.model_config.text_config.model_config.num_layers=3"])
+    assert error.endswith("--options model.model_config.text_config.model_config.num_layers=3 contradicts the "
+                          "checkpoint, whose num_layers is 2")
+    # A lone safetensors file says nothing: its tensors are checked against the config, by name and shape.
+    shutil.copy(setup["root"] / "hf" / "model.safetensors", tmp_path / "model.safetensors")
+    lone = str(tmp_path / "model.safetensors")
+    error = run_failing(setup, checkpoint=lone, options=["model.model_config.text_config.model_config.num_layers=3"])
     assert "missing tensor 'language_model.layers.2." in error
-    error = run_failing(setup, options=["model.model_config.text_config.model_config.intermediate_size=96"])
+    error = run_failing(setup, checkpoint=lone,
+                        options=["model.model_config.text_config.model_config.intermediate_size=96"])
     assert "has shape" in error and "expects" in error
 
 

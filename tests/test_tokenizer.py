@@ -208,6 +208,9 @@ def test_missing_vocab_file_names_the_path(tmp_path):
     missing = tmp_path / "nowhere" / "tokenizer.model"
     with pytest.raises(FileNotFoundError, match=str(missing)):
         LlavaTokenizer(str(missing))
+    for unset in (None, ""):  # the YAML left it out and no checkpoint folder gave one
+        with pytest.raises(ValueError, match="no vocab_file: set processor.tokenizer.vocab_file"):
+            LlavaTokenizer(unset)
 
 
 @pytest.mark.parametrize("content", [b"this is a plain text vocabulary\nhello 1\n",

@@ -16,12 +16,18 @@ Files written by llava-ms carry a metadata record: the layout version of llava_l
 architecture (llava_config.architecture), so a checkpoint says what it holds. What each tensor holds and in
 which order it is stored: llava_layout.py.
 """
+import contextlib
+import fcntl
+import glob
 import json
+import math
 import os
 import tempfile
 
 import numpy as np
 from mindspore.train.checkpoint_pb2 import Checkpoint
+
+from llava_runtime import check_directory_path
 
 # Each protobuf record is kept under MindSpore's own slice size, so MindSpore's reader accepts the file.
 _SLICE_BYTES = 512 * 1024 * 1024
@@ -82,15 +88,46 @@ def _record_header(name, shape, type_name, content_bytes):
     return _length_delimited(1, len(value_prefix) + content_bytes) + value_prefix  # Checkpoint.value = 1
 
 
+PARTIAL_PREFIX = ".partial-"  # a writer's file until it is complete; never a checkpoint to load
+
+
+def _missing_directories(path):
+    """`path` and those of its ancestors that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def remove_stale_partials(directory):
+    """Remove the partial files of writers that are gone (killed with -9, or the machine went down): a live writer
+    holds a lock on its partial file, which the system releases when the process ends however it ends."""
+    for path in glob.glob(os.path.join(glob.escape(directory), PARTIAL_PREFIX + "*")):
+        with contextlib.suppress(OSError), open(path, "rb") as stale:
+            fcntl.flock(stale, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its writer is alive
+            os.remove(path)
+
+
 class _AtomicFile:
-    """A file that appears at `path` only when closed cleanly (written as a hidden `.partial-*` file beside it,
-    then renamed). Use as a context manager: on an exception nothing is left at `path`."""
+    """A file that appears at `path` only when closed cleanly. Use as a context manager: on an exception the
+    temporary file is removed and nothing is left at `path`, nor the directories made for it. The temporary file
+    (`.partial-*` next to `path`) is locked while it is written; partial files that no writer holds (left by
+    `kill -9`) are removed when the next writer starts there."""
 
     def __init__(self, path, suffix):
         self.path = os.path.abspath(path)
         directory = os.path.dirname(self.path)
+        check_directory_path(directory, "cannot write")
+        self._made_directories = _missing_directories(directory)
         os.makedirs(directory, exist_ok=True)
-        handle, self._temp_path = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=directory)
+        remove_stale_partials(directory)
+        while True:
+            handle, self._temp_path = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=suffix, dir=directory)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            if os.fstat(handle).st_nlink:  # still there: from now on any cleaner sees it locked
+                break
+            os.close(handle)  # another writer's clean-up took it between mkstemp and flock
         self._file = os.fdopen(handle, "wb")
         self.bytes_written = 0
 
@@ -101,17 +138,20 @@ class _AtomicFile:
     def close(self):
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._file.close()
         # mkstemp creates the file owner-only; give it the permissions of any other file written here.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self._temp_path, 0o666 & ~umask)
         os.replace(self._temp_path, self.path)
+        self._file.close()  # releases the lock, after the rename: a cleaner never sees an unlocked partial
 
     def abort(self):
         self._file.close()
         if os.path.exists(self._temp_path):
             os.remove(self._temp_path)
+        for directory in self._made_directories:  # deepest first; only those left empty
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
 
     def __enter__(self):
         return self
@@ -259,25 +299,24 @@ def _read_varint(stream):
 
 def _decode_tensor(tensor, chunks, path, name):
     type_name = tensor.tensor_type
-    content = b"".join(chunks)
-    if type_name == "BFloat16":
-        array = _bfloat16_bits_to_float(np.frombuffer(content, np.uint16))
-    elif type_name in _NUMPY_OF_CKPT_TYPE:
-        array = np.frombuffer(content, _NUMPY_OF_CKPT_TYPE[type_name])
-    else:
+    dtype = np.dtype(np.uint16 if type_name == "BFloat16" else _NUMPY_OF_CKPT_TYPE.get(type_name, np.void))
+    if dtype == np.void:
         raise CheckpointError(f"{path}: tensor {name!r} has unsupported type {type_name!r}")
+    content = b"".join(chunks)
     shape = tuple(tensor.dims)
-    if array.size != int(np.prod(shape, dtype=np.int64)):
-        raise CheckpointError(f"{path}: tensor {name!r} holds {array.size} values, its shape {shape} needs "
-                              f"{int(np.prod(shape))}: the file is truncated or corrupt")
-    return array.reshape(shape)
+    count = math.prod(shape)  # exact: numpy's product of corrupt dims could overflow into a plausible size
+    if min(shape, default=0) < 0 or len(content) != count * dtype.itemsize:
+        raise CheckpointError(f"{path}: tensor {name!r} holds {len(content)} bytes, its shape {shape} of {type_name} "
+                              f"needs {max(count, 0) * dtype.itemsize}: the file is truncated or corrupt")
+    array = np.frombuffer(content, dtype).reshape(shape)
+    return _bfloat16_bits_to_float(array) if type_name == "BFloat16" else array
 
 
-def _records(path):
-    """Yield every (name, numpy array) of a MindSpore `.ckpt`, one tensor in memory at a time."""
+def _values(path):
+    """Yield the `Value` of every protobuf record of a MindSpore `.ckpt` in turn (a tensor may span several)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
-    pending_name, pending_tensor, chunks = None, None, []
+    size = os.path.getsize(path)
     with open(path, "rb") as stream:
         while True:
             key = stream.read(1)
@@ -287,6 +326,8 @@ def _records(path):
                 if key != b"\x0a":
                     raise EOFError
                 length = _read_varint(stream)
+                if length > size - stream.tell():  # refused before a buffer of that length is made
+                    raise EOFError
                 payload = stream.read(length)
                 if len(payload) != length:
                     raise EOFError
@@ -295,12 +336,18 @@ def _records(path):
             except Exception as error:
                 raise CheckpointError(f"{path} is not a readable MindSpore checkpoint "
                                       f"(corrupt or truncated near byte {stream.tell()})") from error
-            value = record.value[0]
-            if value.tag != pending_name:
-                if pending_name is not None:
-                    yield pending_name, _decode_tensor(pending_tensor, chunks, path, pending_name)
-                pending_name, pending_tensor, chunks = value.tag, value.tensor, []
-            chunks.append(value.tensor.tensor_content)
+            yield record.value[0]
+
+
+def _records(path):
+    """Yield every (name, numpy array) of a MindSpore `.ckpt`, one tensor in memory at a time."""
+    pending_name, pending_tensor, chunks = None, None, []
+    for value in _values(path):
+        if value.tag != pending_name:
+            if pending_name is not None:
+                yield pending_name, _decode_tensor(pending_tensor, chunks, path, pending_name)
+            pending_name, pending_tensor, chunks = value.tag, value.tensor, []
+        chunks.append(value.tensor.tensor_content)
     if pending_name is not None:
         yield pending_name, _decode_tensor(pending_tensor, chunks, path, pending_name)
 
@@ -314,9 +361,14 @@ def iter_checkpoint(path):
 
 
 def checkpoint_metadata(path):
-    """The metadata llava-ms wrote as the first record of a `.ckpt`, or None."""
-    for name, array in _records(path):
-        return json.loads(array.tobytes()) if name == METADATA_NAME else None
+    """The metadata llava-ms wrote as the first record of a `.ckpt`, or None (read alone: cheap)."""
+    for value in _values(path):
+        if value.tag != METADATA_NAME:
+            return None
+        try:
+            return json.loads(value.tensor.tensor_content)
+        except ValueError:
+            raise CheckpointError(f"{path}: its {METADATA_NAME} record is not JSON: the file is damaged") from None
     return None
 
 

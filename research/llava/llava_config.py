@@ -9,11 +9,45 @@ The YAML keeps the key paths of MindFormers' retired plugin::
 so the sub-configs arrive either as config objects, as flat dicts, or as dicts (or configs built from
 them by MindFormers, e.g. a ``LlamaConfig``) that carry the real keys under ``model_config``.
 """
+import numpy as np
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 # Keys that describe how MindFormers builds a sub-config, not the sub-model itself.
-_BUILD_KEYS = {"type", "arch", "auto_register", "model_config"}
+BUILD_KEYS = ("type", "arch", "auto_register", "model_config")
+# The special token ids: the text config's, which LlavaConfig takes over unless given its own.
+TOKEN_ID_DEFAULTS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32001}
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+def check_value(name, value, valid, expected):
+    """Raise ValueError("{name} must be {expected}, got {value!r}") unless valid(value)."""
+    if not valid(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _check_like_defaults(what, config, defaults, signed=()):
+    """Each field of `defaults` checked by the type of its default: integers (sizes, counts) >= 1, or any integer
+    for the names in `signed`; floats > 0; strings. Runs before the checks that do arithmetic on them, so a
+    `seq_length=abc` is named, not met as a TypeError."""
+    for name, default in defaults.items():
+        value, label = getattr(config, name), f"{what} {name}"
+        if isinstance(default, int) and name in signed:
+            check_value(label, value, is_int, "an integer")
+        elif isinstance(default, int):
+            check_value(label, value, lambda v: is_int(v) and v >= 1, "an integer >= 1")
+        elif isinstance(default, float):
+            check_value(label, value, lambda v: is_number(v) and v > 0, "a number > 0")
+        else:
+            check_value(label, value, lambda v: isinstance(v, str), "a string")
 
 
 def _sub_config_values(config):
@@ -25,7 +59,7 @@ def _sub_config_values(config):
     if nested is not None:
         nested = nested.to_dict() if isinstance(nested, PretrainedConfig) else dict(nested)
         config.update(nested)
-    return {key: value for key, value in config.items() if key not in _BUILD_KEYS}
+    return {key: value for key, value in config.items() if key not in BUILD_KEYS}
 
 
 def _take_own_values(values, defaults, aliases=None):
@@ -55,6 +89,7 @@ class LlavaCLIPConfig(PretrainedConfig):
         own, rest = _take_own_values(_sub_config_values(kwargs), self.defaults)
         super().__init__(**rest)
         self.__dict__.update(own)
+        _check_like_defaults("vision", self, self.defaults, signed=("vision_feature_layer",))
         if self.hidden_act != "quick_gelu":
             raise ValueError(f"vision hidden_act {self.hidden_act!r} is not supported; CLIP uses 'quick_gelu'")
         if self.vision_feature_select_strategy not in ("default", "full"):
@@ -83,9 +118,6 @@ class LlavaCLIPConfig(PretrainedConfig):
         return layer if layer >= 0 else self.num_hidden_layers + layer + 1
 
 
-_TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32001}  # LLaMA-2's, and llava-hf's <pad>
-
-
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
 class LlavaTextConfig(PretrainedConfig):
     """LLaMA decoder (defaults: LLaMA-2-7B / Vicuna-7B with llava-hf's 32064 vocabulary)."""
@@ -95,14 +127,17 @@ class LlavaTextConfig(PretrainedConfig):
                     vocab_size=32064, rms_norm_eps=1e-5, rope_theta=10000.0)
     # HF spellings are accepted too, so a config.json's text_config can be passed as it is.
     aliases = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"}
+    # Read too: the token ids, and what is checked against the sizes (GQA is refused, head_dim must agree).
+    other_keys = (*TOKEN_ID_DEFAULTS, "head_dim", "num_key_value_heads", "n_kv_heads")
 
     def __init__(self, **kwargs):
         own, rest = _take_own_values(_sub_config_values(kwargs), self.defaults, self.aliases)
-        for key, value in _TOKEN_IDS.items():
+        for key, value in TOKEN_ID_DEFAULTS.items():
             rest.setdefault(key, value)
         head_dim = rest.pop("head_dim", None)
         super().__init__(**rest)
         self.__dict__.update(own)
+        _check_like_defaults("text", self, self.defaults)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"text hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         self.head_dim = self.hidden_size // self.num_heads
@@ -149,7 +184,7 @@ class LlavaConfig(PretrainedConfig):
             vision_config = LlavaCLIPConfig(**_sub_config_values(vision_config))
         if not isinstance(text_config, LlavaTextConfig):
             text_config = LlavaTextConfig(**_sub_config_values(text_config))
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for key in TOKEN_ID_DEFAULTS:
             kwargs.setdefault(key, getattr(text_config, key))
         super().__init__(**kwargs)
         self.vision_config = vision_config
@@ -158,6 +193,14 @@ class LlavaConfig(PretrainedConfig):
         if projector_hidden_act != "gelu":
             raise ValueError(f"projector_hidden_act {projector_hidden_act!r} is not supported; LLaVA-1.5 uses 'gelu'")
         self.projector_hidden_act = projector_hidden_act
+        check_value("seq_length", seq_length, lambda v: is_int(v) and v >= 2, "an integer >= 2")
+        check_value("batch_size", batch_size, lambda v: is_int(v) and v >= 1, "an integer >= 1")
+        check_value("image_token_id", image_token_id, lambda v: is_int(v) and v >= 0, "a token id (integer >= 0)")
+        for name, value in (("compute_dtype", compute_dtype), ("param_init_type", param_init_type)):
+            check_value(name, value, lambda v: v in DTYPE_NAMES, f"one of {', '.join(DTYPE_NAMES)}")
+        for name, value in (("use_past", use_past), ("compile_prefill", compile_prefill), ("cpu_kernels", cpu_kernels)):
+            check_value(name, value, lambda v: isinstance(v, bool), "true or false")
+        check_value("model_parallel", model_parallel, lambda v: is_int(v) and v >= 1, "an integer >= 1")
         self.seq_length = seq_length
         self.batch_size = batch_size
         self.compute_dtype = compute_dtype
@@ -170,9 +213,9 @@ class LlavaConfig(PretrainedConfig):
         self.repetition_penalty = repetition_penalty
         self.max_decode_length = max_decode_length
         self.max_new_tokens = max_new_tokens
-        self.compile_prefill = bool(compile_prefill)
-        self.cpu_kernels = bool(cpu_kernels)
-        self.model_parallel = int(model_parallel)
+        self.compile_prefill = compile_prefill
+        self.cpu_kernels = cpu_kernels
+        self.model_parallel = model_parallel
 
     def to_dict(self):
         output = super().to_dict()
@@ -217,5 +260,5 @@ def architecture(config):
     model, and the `<image>` id (nested like the YAML's model_config, with plain values). Checkpoints carry it
     (an HF folder's config.json, convert_weight.py's metadata), and a YAML must agree with it."""
     vision = {key: getattr(config.vision_config, key) for key in LlavaCLIPConfig.defaults}
-    text = {key: getattr(config.text_config, key) for key in (*LlavaTextConfig.defaults, *_TOKEN_IDS)}
+    text = {key: getattr(config.text_config, key) for key in (*LlavaTextConfig.defaults, *TOKEN_ID_DEFAULTS)}
     return {"vision_config": vision, "text_config": text, "image_token_id": config.image_token_id}

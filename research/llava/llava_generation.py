@@ -14,18 +14,7 @@ import numpy as np
 
 from mindformers.generation import GenerationConfig
 
-
-def _check(name, value, valid, expected):
-    if not valid(value):
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value):
-    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+from llava_config import check_value, is_int, is_number
 
 
 @dataclass(frozen=True)
@@ -54,19 +43,19 @@ class GenerationSettings:
 
     def __post_init__(self):
         eos = self.eos_token_id
-        _check("eos_token_id", eos, lambda v: all(map(_is_int, v if isinstance(v, (list, tuple)) else [v])),
+        check_value("eos_token_id", eos, lambda v: all(map(is_int, v if isinstance(v, (list, tuple)) else [v])),
                "a token id or a list of ids")
         object.__setattr__(self, "eos_token_id", tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
-        _check("max_new_tokens", self.max_new_tokens, lambda v: v is None or (_is_int(v) and v >= 0),
+        check_value("max_new_tokens", self.max_new_tokens, lambda v: v is None or (is_int(v) and v >= 0),
                "an integer >= 0 (or null: up to max_length)")
-        _check("max_length", self.max_length, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-        _check("do_sample", self.do_sample, lambda v: isinstance(v, bool), "true or false")
-        _check("temperature", self.temperature, lambda v: _is_number(v) and v > 0, "a number > 0")
-        _check("top_k", self.top_k, lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)")
-        _check("top_p", self.top_p, lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
-        _check("repetition_penalty", self.repetition_penalty, lambda v: _is_number(v) and v > 0,
+        check_value("max_length", self.max_length, lambda v: is_int(v) and v >= 1, "an integer >= 1")
+        check_value("do_sample", self.do_sample, lambda v: isinstance(v, bool), "true or false")
+        check_value("temperature", self.temperature, lambda v: is_number(v) and v > 0, "a number > 0")
+        check_value("top_k", self.top_k, lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: off)")
+        check_value("top_p", self.top_p, lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+        check_value("repetition_penalty", self.repetition_penalty, lambda v: is_number(v) and v > 0,
                "a number > 0 (1: off)")
-        _check("pad_token_id", self.pad_token_id, _is_int, "a token id")
+        check_value("pad_token_id", self.pad_token_id, is_int, "a token id")
 
     @classmethod
     def resolve(cls, model_config, generation_config=None, **overrides):
@@ -213,7 +202,12 @@ def answer(model, tokenizer, processor, questions, images, batch_size=1, seed=No
     """
     for start in range(0, len(questions), batch_size):
         inputs = processor(list(questions[start:start + batch_size]), list(images[start:start + batch_size]))
-        outputs = model.generate(inputs["input_ids"], pixel_values=inputs["pixel_values"], seed=seed, **settings)
-        for prompt_ids, output in zip(inputs["input_ids"], outputs):
-            generated = [int(token) for token in output[len(prompt_ids):]]
-            yield {"text": tokenizer.decode(generated, skip_special_tokens=True).strip(), "token_ids": generated}
+        yield from answer_inputs(model, tokenizer, inputs, seed=seed, **settings)
+
+
+def answer_inputs(model, tokenizer, inputs, seed=None, **settings):
+    """Answer one batch the processor has already made ({"input_ids", "pixel_values"}); yields as `answer` does."""
+    outputs = model.generate(inputs["input_ids"], pixel_values=inputs["pixel_values"], seed=seed, **settings)
+    for prompt_ids, output in zip(inputs["input_ids"], outputs):
+        generated = [int(token) for token in output[len(prompt_ids):]]
+        yield {"text": tokenizer.decode(generated, skip_special_tokens=True).strip(), "token_ids": generated}

@@ -22,12 +22,12 @@ from mindformers.models.modeling_utils import PreTrainedModel
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 import llava_kernels
-from llava_config import LlavaConfig
+from llava_config import DTYPE_NAMES, LlavaConfig
 from llava_generation import LlavaGenerationMixin
 from llava_layout import LINEARS
 from llava_steps import MASK_VALUE, ModelRunner, causal_mask, merge_image_features
 
-_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+_DTYPES = {name: getattr(ms, name) for name in DTYPE_NAMES}
 
 
 def mindspore_dtype(name):

@@ -19,29 +19,72 @@ Files and URLs are opened by `load_image`, which also applies the EXIF orientati
 ``load_image`` does) so photos are seen upright; PIL images passed in are used as they are (as HF's
 image processor does), only converted to RGB.
 
+Limits (stated here once, in the README too). A few hundred bytes of PNG can declare a 1 x 100000 image, and
+the steps above would then allocate gigabytes (the resize makes it 336 x 33.6 million pixels, the square
+canvas 100000 x 100000), so the size is checked from the file's header before any pixel is decoded, and again
+for PIL images passed in:
+
+* ``MAX_IMAGE_SIDE`` (8000): the longer side, in pixels. It bounds the decoded image and the square canvas of
+  step 2 alike to 64 megapixels (256 MB as PIL holds RGB).
+* ``MAX_ASPECT_RATIO`` (20): long side / short side. It bounds the resize of step 3 to ``S`` x ``20 S``
+  (336 x 6720); beyond it the center crop would keep less than 5% of the picture.
+* Only the formats of ``SUPPORTED_EXTENSIONS`` are decoded, whatever a file or download calls itself (PIL's
+  other plugins include ones that run external programs, such as EPS with Ghostscript).
+
+URLs (http and https only) are fetched with a deadline for the whole download (``URL_TIMEOUT_SECONDS``,
+connecting, redirects, headers and body: a server that sends a byte every few seconds is cut off at the
+deadline, not kept alive by a per-read timeout), at most ``MAX_DOWNLOAD_BYTES`` (refused from the declared
+length when there is one, else when the body passes it), and at most ``MAX_REDIRECTS`` redirects, each to an
+http(s) URL on the standard port of its scheme or on the host and port that redirected (not to ``ftp:``,
+``file:`` or another port, e.g. a service on the same machine).
+
 Prompt: ``USER: <image>\\n{question} ASSISTANT:`` (llava-1.5-hf chat template; one ``<image>\\n`` per
 image); tokenized with BOS first; each ``<image>`` id is then repeated ``num_image_features`` (576)
 times in place, the slots the projected image features fill.
 """
+import contextlib
+import functools
+import http.client
 import io
 import os
+import socket
+import ssl
+import threading
 import urllib.error
+import urllib.parse
 import urllib.request
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
-__all__ = ["load_image", "decode_image", "to_rgb", "expand_to_square", "LlavaImageProcessor", "build_prompt", "LlavaProcessor",
-           "SUPPORTED_EXTENSIONS", "CLIP_MEAN", "CLIP_STD", "PAD_COLOR", "IMAGE_TOKEN"]
+from llava_config import check_value, is_int, is_number
+
+__all__ = ["load_image", "decode_image", "check_image_size", "to_rgb", "expand_to_square", "LlavaImageProcessor",
+           "build_prompt", "LlavaProcessor", "SUPPORTED_EXTENSIONS", "CLIP_MEAN", "CLIP_STD", "PAD_COLOR", "IMAGE_TOKEN",
+           "MAX_IMAGE_SIDE", "MAX_ASPECT_RATIO", "URL_TIMEOUT_SECONDS", "MAX_DOWNLOAD_BYTES", "MAX_REDIRECTS"]
 
 SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# PIL's names of those formats: the only decoders Image.open may use (JPEG's also opens a phone's multi-picture
+# JPEG, as MPO).
+SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = (122, 116, 104)  # int(255 * CLIP_MEAN), the original LLaVA's pad colour
 IMAGE_TOKEN = "<image>"
 IMAGE_TAG = IMAGE_TOKEN + "\n"  # what the template puts before the question, once per image
-URL_TIMEOUT_SECONDS = 10.0
+
+# PIL warns on stderr as it opens an image of 89 to 179 megapixels (and refuses larger ones); ours refuses everything
+# past 64 megapixels, so for images read here the warning would only be a second, stray line.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+# The limits of the module docstring.
+MAX_IMAGE_SIDE = 8000
+MAX_ASPECT_RATIO = 20
+URL_TIMEOUT_SECONDS = 30.0
+MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
+MAX_REDIRECTS = 5
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -49,6 +92,17 @@ URL_TIMEOUT_SECONDS = 10.0
 def is_url(source):
     """True for an http(s) URL string."""
     return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
+
+
+def check_image_size(width, height, name):
+    """Raise ValueError naming `name` when a `width` x `height` image is beyond MAX_IMAGE_SIDE or
+    MAX_ASPECT_RATIO (module docstring); called before its pixels are decoded or transformed."""
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ValueError(f"image {name!r} is {width}x{height} pixels; at most {MAX_IMAGE_SIDE} pixels on a side "
+                         "are accepted: downscale it")
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ValueError(f"image {name!r} is {width}x{height} pixels; an aspect ratio (long side / short side) of "
+                         f"at most {MAX_ASPECT_RATIO} is accepted: crop it")
 
 
 def to_rgb(image):
@@ -63,61 +117,219 @@ def to_rgb(image):
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16"):
-        grey = np.asarray(image).astype(np.float64)
-        image = Image.fromarray(np.round(grey / 257.0).astype(np.uint8))
+        # round(v / 257) in integers: v / 257 is never exactly halfway (257 is odd), so this is exact, at half
+        # the memory of float64.
+        grey = np.asarray(image).astype(np.uint32)
+        grey += 128
+        grey //= 257
+        image = Image.fromarray(grey.astype(np.uint8))
     return image.convert("RGB")
 
 
+class _Deadline:
+    """Ends a download when its time is up by shutting its connections down, which wakes a read blocked on
+    them: a socket timeout bounds each read, not the download, so a server sending a byte every few seconds
+    would otherwise hold it forever.
+
+    Each connection is watched through a duplicate of its descriptor, which keeps naming the same connection
+    after TLS takes the original socket object over (and cannot be reused for another one until closed here).
+    """
+
+    def __init__(self, seconds):
+        self.expired = False
+        self._sockets = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, connection_socket):
+        duplicate = socket.socket(fileno=os.dup(connection_socket.fileno()))
+        with self._lock:
+            self._sockets.append(duplicate)
+            if self.expired:
+                self._shut(duplicate)
+
+    def _expire(self):
+        with self._lock:
+            self.expired = True
+            for duplicate in self._sockets:
+                self._shut(duplicate)
+
+    @staticmethod
+    def _shut(duplicate):
+        with contextlib.suppress(OSError):
+            duplicate.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self._timer.cancel()
+        with self._lock:
+            for duplicate in self._sockets:
+                duplicate.close()
+            self._sockets = []
+
+
+class _WatchedHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection its `_Deadline` can end; connected as usual, then watched."""
+
+    def __init__(self, *args, deadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+
+    def connect(self):
+        super().connect()
+        self.deadline.watch(self.sock)
+
+
+class _WatchedHTTPSConnection(http.client.HTTPSConnection, _WatchedHTTPConnection):
+    """HTTPS: HTTPSConnection.connect calls the watched TCP connect (so the TLS handshake is watched too), then
+    wraps the socket."""
+
+
+class _WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_WatchedHTTPConnection, deadline=self.deadline), req)
+
+
+class _WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(functools.partial(_WatchedHTTPSConnection, deadline=self.deadline), req,
+                            context=ssl.create_default_context())
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows at most MAX_REDIRECTS redirects, each to http(s) on its standard port or on the host and port that
+    redirected; anything else is refused (urllib alone follows ftp: and any port)."""
+
+    max_redirections = MAX_REDIRECTS
+    inf_msg = f"more than {MAX_REDIRECTS} redirects, or a redirect loop; the last was "
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target, source = urllib.parse.urlsplit(newurl), urllib.parse.urlsplit(req.full_url)
+        if target.scheme not in _DEFAULT_PORTS:
+            raise urllib.error.URLError(f"redirected to {newurl!r}: only http and https are followed")
+        port = target.port or _DEFAULT_PORTS[target.scheme]
+        same_place = (target.hostname, port) == (source.hostname, source.port or _DEFAULT_PORTS[source.scheme])
+        if port != _DEFAULT_PORTS[target.scheme] and not same_place:
+            raise urllib.error.URLError(f"redirected to {newurl!r}: a redirect may change the port only to "
+                                        f"{target.scheme}'s standard port {_DEFAULT_PORTS[target.scheme]}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _fetch_url(url, timeout):
-    """The bytes at `url`; any HTTP or network failure becomes a ValueError naming the URL."""
+    """The body at `url` within the limits of the module docstring (`timeout`: the whole download, seconds).
+
+    Raises:
+        ValueError naming the URL: an HTTP error, a network failure, the deadline, the byte cap or a redirect
+        that is not followed.
+    """
+    deadline = _Deadline(timeout)
+    opener = urllib.request.build_opener(_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline),
+                                         _CheckedRedirects())
     request = urllib.request.Request(url, headers={"User-Agent": "llava-ms"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
-    except urllib.error.HTTPError as err:
-        raise ValueError(f"could not download image {url!r}: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError) as err:  # refused, DNS failure, timeout
-        reason = getattr(err, "reason", err)
+        with opener.open(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > MAX_DOWNLOAD_BYTES:
+                raise ValueError(f"could not download image {url!r}: it is {int(declared)} bytes, more than the "
+                                 f"{MAX_DOWNLOAD_BYTES} an image may have")
+            chunks, size = [], 0
+            while chunk := response.read(1 << 16):
+                size += len(chunk)
+                if size > MAX_DOWNLOAD_BYTES:
+                    raise ValueError(f"could not download image {url!r}: it is more than the {MAX_DOWNLOAD_BYTES} "
+                                     "bytes an image may have")
+                chunks.append(chunk)
+            if deadline.expired:  # the shut-down connection read as the end of the body
+                raise TimeoutError
+            if declared.isdigit() and size < int(declared):
+                raise ValueError(f"could not download image {url!r}: the connection closed after {size} of "
+                                 f"{declared} bytes")
+            return b"".join(chunks)
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+        if deadline.expired:
+            raise ValueError(f"could not download image {url!r}: no complete answer within {timeout:g} s") from None
+        if isinstance(err, urllib.error.HTTPError):
+            reason = f"HTTP {err.code} {str(err.reason).splitlines()[0]}"
+        else:  # refused, DNS failure, a redirect not followed, a connection cut short
+            reason = str(getattr(err, "reason", None) or err or type(err).__name__).splitlines()[0]
         raise ValueError(f"could not download image {url!r}: {reason}") from None
+    finally:
+        deadline.close()
 
 
 def decode_image(stream, name):
     """Decode an image file or byte stream fully (a truncated file fails here, not later in resizing); `name`
-    (a path, a URL, "request image 2") is what an error message calls it.
+    (a path, a URL, "request image 2") is what an error message calls it. Only SUPPORTED_FORMATS are decoded,
+    and the size is checked (check_image_size) from the header, before the pixels are.
 
     Returns:
         PIL.Image.Image, RGB, EXIF orientation applied.
+
+    Raises:
+        ValueError naming `name`: not an image of a supported format, corrupt or truncated, or too large.
     """
+    unreadable = (Image.DecompressionBombError, OSError, SyntaxError, EOFError, ValueError)  # what PIL raises
     try:
-        with Image.open(stream) as image:
+        image = Image.open(stream, formats=SUPPORTED_FORMATS)  # reads the header only
+    except UnidentifiedImageError:  # its message shows the stream object, not the name
+        raise ValueError(f"cannot read image {name!r}: not an image file of a supported format "
+                         f"({', '.join(SUPPORTED_EXTENSIONS)})") from None
+    except Image.DecompressionBombError as err:  # PIL's own limit, far above ours, checked as it opens
+        raise ValueError(f"image {name!r} is too large ({err}); at most {MAX_IMAGE_SIDE} pixels on a side are "
+                         "accepted: downscale it") from None
+    except unreadable as err:
+        raise _unreadable(name, err) from None
+    with image:
+        check_image_size(*image.size, name)
+        try:
             image.load()
             # exif_transpose returns a new image, so the result outlives the closed file.
             return to_rgb(ImageOps.exif_transpose(image))
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"cannot read image {name!r}: not a readable image file ({err})") from None
+        except unreadable as err:
+            raise _unreadable(name, err) from None
+
+
+def _unreadable(name, error):
+    return ValueError(f"cannot read image {name!r}: not a readable image file ({error})")
 
 
 def load_image(source, timeout=URL_TIMEOUT_SECONDS):
-    """Load an image from a local path or an http(s) URL as RGB.
+    """Load an image from a local path or an http(s) URL as RGB, within the limits of the module docstring.
 
     Args:
-        source: str / os.PathLike path, http(s) URL, or a PIL image (converted to RGB only).
-        timeout: seconds to wait for a URL.
+        source: str / os.PathLike path, http(s) URL, or a PIL image (size-checked and converted to RGB only).
+        timeout: seconds the whole download of a URL may take.
 
     Returns:
         PIL.Image.Image in mode "RGB".
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: unsupported file extension, an unreadable/corrupt image, or a failed download.
+        ValueError: a directory, an unsupported file extension, an unreadable/corrupt or too large image, or a
+            failed download.
     """
     if isinstance(source, Image.Image):
+        check_image_size(*source.size, "PIL image")
         return to_rgb(source)
     if is_url(source):
         return decode_image(io.BytesIO(_fetch_url(source, timeout)), source)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"an image must be a PIL image, a path or an http(s) URL, got {type(source).__name__}")
     path = os.fspath(source)
+    if os.path.isdir(path):
+        raise ValueError(f"image file {path!r} is a directory; give an image file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path!r} does not exist")
     extension = os.path.splitext(path)[1].lower()
@@ -171,7 +383,16 @@ class LlavaImageProcessor:
     """
 
     def __init__(self, image_size=336, mean=CLIP_MEAN, std=CLIP_STD, pad_to_square=False, pad_color=PAD_COLOR):
-        self.image_size = int(image_size)
+        def three(valid):
+            return lambda v: isinstance(v, (list, tuple, np.ndarray)) and len(v) == 3 and all(map(valid, v))
+
+        check_value("image processor image_size", image_size, lambda v: is_int(v) and v >= 1, "an integer >= 1")
+        check_value("image processor mean", mean, three(is_number), "3 numbers")
+        check_value("image processor std", std, three(lambda v: is_number(v) and v > 0), "3 numbers > 0")
+        check_value("image processor pad_to_square", pad_to_square, lambda v: isinstance(v, bool), "true or false")
+        check_value("image processor pad_color", pad_color, three(lambda v: is_int(v) and 0 <= v <= 255),
+                    "3 integers in 0..255")
+        self.image_size = image_size
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         self.pad_to_square = pad_to_square
@@ -264,8 +485,10 @@ class LlavaProcessor:
         self.tokenizer = tokenizer
         self.image_processor = image_processor or LlavaImageProcessor(image_size=image_size, mean=image_mean,
                                                                       std=image_std, pad_to_square=pad_to_square)
-        self.num_image_features = int(num_image_features)
-        self.max_length = int(max_length)
+        for name, value in (("num_image_features", num_image_features), ("max_length", max_length)):
+            check_value(f"processor {name}", value, lambda v: is_int(v) and v >= 1, "an integer >= 1")
+        self.num_image_features = num_image_features
+        self.max_length = max_length
 
     def __call__(self, prompts, images=None):
         """Encode a batch.

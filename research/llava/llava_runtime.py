@@ -4,11 +4,14 @@ import os
 _cpu_threads_set = False
 
 
-def set_up_context(device_target="CPU", mode=1, threads=None, device_id=0, max_device_memory=None):
+def set_up_context(device_target="CPU", mode=1, threads=None, device_id=0, max_device_memory=None, output_dir=None):
     """MindSpore context for inference; safe to call more than once.
 
     device_id, max_device_memory (e.g. "58GB"): the YAML's `context:` keys, for Ascend and GPU (a CPU process
     has one device and no device memory of its own; under msrun each worker is given its device).
+
+    output_dir: where MindSpore's failure dumps go (MS_OM_PATH: `output_dir/rank_K/om/analyze_fail.ir` when a
+    graph fails to compile) instead of the working directory.
 
     (MindSpore's on-disk compile cache is deliberately not used: a graph cached for one image count was
     reused for another and failed in Reshape, see the notes of issue 4.)
@@ -24,6 +27,8 @@ def set_up_context(device_target="CPU", mode=1, threads=None, device_id=0, max_d
     if mode not in (0, 1):
         raise ValueError(f"mode must be 0 (graph) or 1 (PyNative), got {mode}")
     ms.set_context(mode=mode, device_target=device_target)
+    if output_dir is not None:  # read when a dump is written, so setting it now is in time
+        os.environ["MS_OM_PATH"] = os.path.abspath(output_dir)
     if device_target != "CPU":
         if device_id is not None:  # None under msrun, which gives each worker its device
             ms.set_context(device_id=device_id)
@@ -33,6 +38,15 @@ def set_up_context(device_target="CPU", mode=1, threads=None, device_id=0, max_d
         ms.device_context.cpu.op_tuning.threads_num(threads or len(os.sched_getaffinity(0)))
         ms.runtime.launch_blocking()
         _cpu_threads_set = True
+
+
+def check_directory_path(path, what):
+    """Raise ValueError if a directory cannot be made at `path` because it, or a folder above it, is a file."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path}: {folder} is a file, not a directory")
 
 
 def quiet_logs(output_dir, verbose=False):
@@ -46,6 +60,7 @@ def quiet_logs(output_dir, verbose=False):
     import io
     import logging
 
+    check_directory_path(output_dir, "output_dir")  # MindFormers makes its log folder there as it is imported
     output_dir = os.path.abspath(output_dir)
     os.environ.setdefault("LOCAL_DEFAULT_PATH", output_dir)
     os.environ.setdefault("OM_MODULES_CACHE", os.path.join(output_dir, "modules"))
@@ -62,28 +77,44 @@ def quiet_logs(output_dir, verbose=False):
             handler.setLevel(logging.ERROR)
 
 
-def build_components(config, processor_config=None):
-    """Model, tokenizer and processor from a run config through MindFormers' registry (YAML `type:` and
-    `auto_register:` keys), checking that the tokenizer fits the model's vocabulary.
+def build_processor(processor_config, model_config):
+    """Tokenizer and processor from a processor section (with its `tokenizer:`) through MindFormers' registry,
+    sized by `model_config` (a LlavaConfig: no model is built): image size, image features per image and
+    context length follow it unless the section gives them (llava_run_config checks that they agree). The
+    tokenizer is checked against the model's vocabulary.
 
-    processor_config: the processor section, with its `tokenizer:` (default `config.processor`).
+    Returns:
+        (tokenizer, processor).
     """
     import copy  # pylint: disable=import-outside-toplevel
 
-    from mindformers.models.build_model import build_network  # pylint: disable=import-outside-toplevel
     from mindformers.models.build_tokenizer import build_tokenizer  # pylint: disable=import-outside-toplevel
     from mindformers.tools.register import (MindFormerModuleType,  # pylint: disable=import-outside-toplevel
                                             MindFormerRegister)
     from llava_tokenizer import check_vocab_fits  # pylint: disable=import-outside-toplevel
 
-    model = build_network(config.model)
-    processor_config = copy.deepcopy(processor_config if processor_config is not None else config.processor)
+    processor_config = copy.deepcopy(processor_config)
     tokenizer = build_tokenizer(processor_config.pop("tokenizer"))
+    vision = model_config.vision_config
     processor = MindFormerRegister.get_instance_from_cfg(
         processor_config, MindFormerModuleType.PROCESSOR,
-        default_args={"tokenizer": tokenizer, "num_image_features": model.num_image_features,
-                      "max_length": model.config.seq_length})
-    check_vocab_fits(tokenizer, model.config.text_config.vocab_size, model.config.image_token_id)
+        default_args={"tokenizer": tokenizer, "num_image_features": vision.num_image_features,
+                      "max_length": model_config.seq_length, "image_size": vision.image_size})
+    check_vocab_fits(tokenizer, model_config.text_config.vocab_size, model_config.image_token_id)
+    return tokenizer, processor
+
+
+def build_components(config, processor_config=None):
+    """Model, tokenizer and processor from a run config through MindFormers' registry (YAML `type:` and
+    `auto_register:` keys); the processor as `build_processor` makes it for the model.
+
+    processor_config: the processor section, with its `tokenizer:` (default `config.processor`).
+    """
+    from mindformers.models.build_model import build_network  # pylint: disable=import-outside-toplevel
+
+    model = build_network(config.model)
+    tokenizer, processor = build_processor(processor_config if processor_config is not None else config.processor,
+                                           model.config)
     return model, tokenizer, processor
 
 
@@ -118,32 +149,36 @@ def _agree(holder, key, value, dotted, explicit, changes, source, aliases=()):
 
 def follow_checkpoint(config, explicit=()):
     """Take the model's sizes from the checkpoint when it says them (an HF folder's config.json, llava-ms
-    metadata), and the processor's image size and context from the model. Returns the changes made to the
-    YAML's values ("num_layers 32 -> 2", ...); raises ValueError for a value the user set that disagrees."""
-    from llava_config import LlavaConfig, LlavaTextConfig  # pylint: disable=import-outside-toplevel
+    metadata), the processor's image size with them (the YAML ties the two), and from a checkpoint folder its
+    tokenizer.model and preprocessor_config.json for what the YAML does not name. Returns the changes made to
+    the YAML's values ("num_layers 32 -> 2", ...); raises ValueError for a value the user set that disagrees."""
+    from llava_config import BUILD_KEYS, LlavaConfig, LlavaTextConfig  # pylint: disable=import-outside-toplevel
     from llava_weights import checkpoint_architecture  # pylint: disable=import-outside-toplevel
 
-    model_config, changes = config.model.model_config, []
+    model_config, processor, changes = config.model.model_config, config.get("processor"), []
     checkpoint = checkpoint_architecture(config.load_checkpoint) if config.get("load_checkpoint") else None
-    if checkpoint is not None:
-        for part in ("vision_config", "text_config"):
-            holder, prefix = _sub_section(model_config, part)
-            aliases = {alias: [] for alias in checkpoint[part]}
-            for alias, name in getattr(LlavaTextConfig, "aliases", {}).items() if part == "text_config" else ():
-                aliases[name].append(alias)
-            for key, value in checkpoint[part].items():
-                _agree(holder, key, value, f"{prefix}.{key}", explicit, changes, "the checkpoint", aliases[key])
-        _agree(model_config, "image_token_id", checkpoint["image_token_id"], "model.model_config.image_token_id",
-               explicit, changes, "the checkpoint")
-    model = LlavaConfig(**{key: value for key, value in model_config.items() if key not in ("type", "auto_register")})
-    processor = config.get("processor")
-    if processor is not None and checkpoint is not None and os.path.isdir(config.load_checkpoint):
+    if checkpoint is None:
+        return changes
+
+    def resolved():
+        return LlavaConfig(**{key: value for key, value in model_config.items() if key not in BUILD_KEYS})
+
+    tied_image_size = processor is not None and processor.get("image_size") == resolved().vision_config.image_size
+    aliases = {name: [alias for alias, canonical in LlavaTextConfig.aliases.items() if canonical == name]
+               for name in checkpoint["text_config"]}
+    for part in ("vision_config", "text_config"):
+        holder, prefix = _sub_section(model_config, part)
+        for key, value in checkpoint[part].items():
+            _agree(holder, key, value, f"{prefix}.{key}", explicit, changes, "the checkpoint",
+                   aliases[key] if part == "text_config" else ())
+    _agree(model_config, "image_token_id", checkpoint["image_token_id"], "model.model_config.image_token_id",
+           explicit, changes, "the checkpoint")
+    model = resolved()
+    if tied_image_size:
+        _agree(processor, "image_size", model.vision_config.image_size, "processor.image_size", explicit, [],
+               "the checkpoint")
+    if processor is not None and os.path.isdir(config.load_checkpoint):
         _take_folder_files(config.load_checkpoint, processor, model, explicit, changes)
-    if processor is not None:
-        _agree(processor, "image_size", model.vision_config.image_size, "processor.image_size", explicit, changes,
-               "the model (vision image_size)")
-        _agree(processor, "max_length", model.seq_length, "processor.max_length", explicit, changes,
-               "the model (seq_length)")
     return changes
 
 

@@ -51,12 +51,15 @@ def load_sentencepiece(vocab_file):
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a SentencePiece model (text, image, truncated or empty file).
+        ValueError: a directory, or a file that is not a SentencePiece model (text, image, truncated or empty).
     """
     if not vocab_file:
         raise ValueError("LLaVA tokenizer: no vocab_file: set processor.tokenizer.vocab_file to the SentencePiece "
                          "tokenizer.model (LLaMA-2's), or load a checkpoint folder that has one")
     path = os.fspath(vocab_file)
+    if os.path.isdir(path):
+        raise ValueError(f"LLaVA tokenizer: vocab_file {path!r} is a directory; give the SentencePiece "
+                         "tokenizer.model file in it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LLaVA tokenizer: vocab_file {path!r} does not exist (expected a SentencePiece "
                                 "tokenizer.model, e.g. LLaMA-2's)")
