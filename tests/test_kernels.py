@@ -5,6 +5,8 @@ Paths are forced with llava_kernels.configure; a path this CPU lacks runs the ne
 checks what would run here). Float32 arithmetic is held to float32 rounding; the paths that round activations
 (and float16 weights) to bfloat16 to a bfloat16 rounding of each product.
 """
+import math
+
 import numpy as np
 import pytest
 
@@ -126,3 +128,97 @@ def test_first_nonfinite(weight_type):
     edge = np.full(10, largest, np.float32)
     edge = bfloat16_bits(edge) if weight_type == "bfloat16" else edge.astype(weight_type)
     assert llava_kernels.first_nonfinite(edge) == -1  # the largest finite values are finite
+
+
+# ------------------------------------------------------------------------------------------- around the products
+
+def tensor(array):
+    return Tensor(np.ascontiguousarray(array))
+
+
+@pytest.mark.parametrize("activation", [None, "quick_gelu", "gelu"])
+@pytest.mark.parametrize("weight_type", ["float32", "float16"])
+def test_linear_adds_bias_and_activation(activation, weight_type):
+    for rows in (1, 5, 65):  # decode kernels and oneDNN
+        x, w = example(rows, 1000, 129, weight_type, seed=2)
+        bias = np.random.default_rng(rows).standard_normal(1000).astype(np.float32)
+        y = llava_kernels.LINEAR(tensor(x), tensor(w), tensor(bias),
+                                 Tensor([llava_kernels.ACTIVATIONS[activation]], ms.int32)).asnumpy()
+        z = x.astype(np.float64) @ w.astype(np.float64).T + bias
+        if activation == "quick_gelu":
+            z = z / (1 + np.exp(-1.702 * z))
+        elif activation == "gelu":
+            z = 0.5 * z * (1 + np.vectorize(math.erf)(z / np.sqrt(2)))
+        tolerance = 2 ** -7 if weight_type == "float16" and rows >= 32 else 1e-5  # bfloat16 arithmetic for prompts
+        np.testing.assert_allclose(y, z, rtol=tolerance, atol=tolerance * np.abs(z).max())
+
+
+def test_swiglu_is_silu_gate_times_up():
+    for rows in (1, 3, 40):
+        x, gate = example(rows, 301, 77, "float32", seed=3)
+        _, up = example(rows, 301, 77, "float32", seed=4)
+        y = llava_kernels.SWIGLU(tensor(x), tensor(gate), tensor(up)).asnumpy()
+        g = x.astype(np.float64) @ gate.T.astype(np.float64)
+        z = g / (1 + np.exp(-g)) * (x.astype(np.float64) @ up.T.astype(np.float64))
+        np.testing.assert_allclose(y, z, rtol=1e-5, atol=1e-5 * np.abs(z).max())
+
+
+def test_norms():
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((2, 7, 1001)) * 3 + 1).astype(np.float32)
+    weight, bias = rng.standard_normal(1001).astype(np.float32), rng.standard_normal(1001).astype(np.float32)
+    eps = Tensor([1e-5], ms.float32)
+    x64 = x.astype(np.float64)
+    centered = x64 - x64.mean(-1, keepdims=True)
+    layer = centered / np.sqrt((centered ** 2).mean(-1, keepdims=True) + 1e-5) * weight + bias
+    np.testing.assert_allclose(llava_kernels.LAYER_NORM(tensor(x), tensor(weight), tensor(bias), eps).asnumpy(), layer,
+                               rtol=1e-4, atol=1e-5)
+    rms = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * weight
+    np.testing.assert_allclose(llava_kernels.RMS_NORM(tensor(x), tensor(weight), eps).asnumpy(), rms, rtol=1e-4,
+                               atol=1e-5)
+
+
+@ms.jit
+def compiled_attention(q, k, v, mask, scale):
+    return llava_kernels.ATTENTION(q, k, v, mask, scale) * 1.0
+
+
+@ms.jit
+def compiled_attention_no_mask(q, k, v, scale):
+    return llava_kernels.ATTENTION_NO_MASK(q, k, v, scale) * 1.0
+
+
+def reference_attention(q, k, v, mask, scale):
+    scores = np.einsum("bhtd,bhld->bhtl", q.astype(np.float64), k.astype(np.float64)) * scale
+    if mask is not None:
+        scores = scores + mask
+    scores = np.exp(scores - scores.max(-1, keepdims=True))
+    return np.einsum("bhtl,bhld->bhtd", scores / scores.sum(-1, keepdims=True), v.astype(np.float64))
+
+
+@pytest.mark.parametrize("shape, mask_shape", [
+    ((1, 4, 17, 37, 16), None),              # CLIP: no mask
+    ((2, 3, 9, 9, 8), (1, 1, 9, 9)),         # a causal prompt, one mask for every row and head
+    ((2, 3, 1, 300, 64), (2, 1, 1, 300)),    # decode: one token per row over the cache, a row's own mask
+    ((1, 2, 5, 7, 3), (1, 2, 5, 7)),         # a mask per head
+    ((1, 32, 600, 600, 128), (1, 1, 600, 600)),  # a 7B prompt: heads in groups
+])
+@pytest.mark.parametrize("compiled", [False, True], ids=["pynative", "graph"])
+def test_attention(shape, mask_shape, compiled):
+    batch, heads, queries, keys, dim = shape
+    rng = np.random.default_rng(list(shape))
+    q = rng.standard_normal((batch, heads, queries, dim)).astype(np.float32)
+    k = rng.standard_normal((batch, heads, keys, dim)).astype(np.float32)
+    v = rng.standard_normal((batch, heads, keys, dim)).astype(np.float32)
+    mask = None
+    if mask_shape is not None:
+        mask = np.where(rng.random(mask_shape) < 0.3, -1e9, 0.0).astype(np.float32)
+        mask[..., 0] = 0.0  # every query sees something
+    scale = dim ** -0.5
+    args = [tensor(q), tensor(k), tensor(v), *([] if mask is None else [tensor(mask)]), Tensor([scale], ms.float32)]
+    if compiled:
+        op = compiled_attention_no_mask if mask is None else compiled_attention
+    else:
+        op = llava_kernels.ATTENTION_NO_MASK if mask is None else llava_kernels.ATTENTION
+    out = op(*args).asnumpy()
+    np.testing.assert_allclose(out, reference_attention(q, k, v, mask, scale), rtol=1e-4, atol=1e-5)

@@ -112,9 +112,12 @@ def check_parallel_run(result, output_dir, log_dir, expected):
         assert total < expected["total"]
 
 
-def test_auto_trans_ckpt_slices_a_full_checkpoint(setup, expected, tmp_path):
+@pytest.mark.parametrize("source", ["ckpt", "hf"])
+def test_auto_trans_ckpt_slices_a_full_checkpoint(setup, expected, tmp_path, source):
+    """A converted .ckpt, or the HF folder itself (each rank reads little more than its own slices)."""
     output_dir, log_dir = tmp_path / "out", tmp_path / "log"
-    result = launch(predict_command(setup, setup["ckpt"], output_dir, True), 2, log_dir, tmp_path)
+    checkpoint = setup["ckpt"] if source == "ckpt" else str(setup["root"] / "hf")
+    result = launch(predict_command(setup, checkpoint, output_dir, True), 2, log_dir, tmp_path)
     check_parallel_run(result, output_dir, log_dir, expected)
     shards = output_dir / "transformed_checkpoint"
     assert sorted(os.listdir(shards)) == ["rank_0", "rank_1"]
@@ -131,10 +134,11 @@ def test_auto_trans_ckpt_slices_a_full_checkpoint(setup, expected, tmp_path):
             assert mine.read() == theirs.read(), rank
 
 
-def test_pre_sharded_directory_from_convert_weight(setup, expected, tmp_path):
-    # What `convert_weight.py --model_parallel 2` does (its command line is tested in test_convert.py).
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_pre_sharded_directory_from_convert_weight(setup, expected, tmp_path, fmt):
+    # What `convert_weight.py --model_parallel 2 [--format safetensors]` does (its command line: test_convert.py).
     sharded = tmp_path / "sharded"
-    convert_llava(str(setup["root"] / "hf"), str(sharded), progress=False, model_parallel=2)
+    convert_llava(str(setup["root"] / "hf"), str(sharded), progress=False, model_parallel=2, fmt=fmt)
     output_dir, log_dir = tmp_path / "out", tmp_path / "log"
     result = launch(predict_command(setup, str(sharded), output_dir, False), 2, log_dir, tmp_path)
     check_parallel_run(result, output_dir, log_dir, expected)

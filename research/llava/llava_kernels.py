@@ -1,5 +1,6 @@
 """llava-ms's CPU kernels (kernels/llava_kernels.cpp): the matmul of every linear layer on CPU, with float32
-activations and float32, float16 or bfloat16 weights stored [out, in], and a finite check for weights.
+activations and float32, float16 or bfloat16 weights stored [out, in]; what a layer does around its matmuls, each
+in one pass (bias and activation, SwiGLU, LayerNorm, RMSNorm, attention); and a finite check for weights.
 
 MindSpore 2.9's CPU backend has no bfloat16 matmul and a float16 one several times slower than float32, so
 16-bit weights would otherwise be cast to float32 before every matmul (reading each weight three times, and
@@ -81,19 +82,41 @@ def _load():
     return lib, path
 
 
-def _out_shape(x_shape, w_shape):
+def _rows_of_weight(x_shape, w_shape, *_):
     return list(x_shape[:-1]) + [w_shape[0]]
 
 
-def _out_dtype(x_dtype, w_dtype):
+def _like_first(shape, *_):
+    return list(shape)
+
+
+def _rows_of_table(table_shape, ids_shape):
+    return list(ids_shape) + [table_shape[1]]
+
+
+def _float32(*_):
     return ms.float32
 
 
+def _op(name, out_shape):
+    return ops.Custom(f"{_PATH_OR_ERROR}:{name}", out_shape=out_shape, out_dtype=_float32, func_type="aot")
+
+
 _LIB, _PATH_OR_ERROR = _load()
-# y[..., N] = x[..., K] @ W[N, K]^T, float32 out; in PyNative and in compiled graphs. Made at import: a
-# compiled graph can hold the op, but cannot run the Python that would make it.
-MATMUL = None if _LIB is None else ops.Custom(f"{_PATH_OR_ERROR}:LlavaMatmul", out_shape=_out_shape,
-                                              out_dtype=_out_dtype, func_type="aot")
+ACTIVATIONS = {None: 0, "quick_gelu": 1, "gelu": 2}  # the epilogue of LINEAR (kernels/llava_kernels.cpp)
+# Made at import: a compiled graph can hold an op, but cannot run the Python that would make it. All float32 out;
+# in PyNative and in compiled graphs. x float32 throughout; W float32, float16 or bfloat16 [N, K].
+if _LIB is None:
+    MATMUL = LINEAR = SWIGLU = LAYER_NORM = RMS_NORM = ATTENTION = ATTENTION_NO_MASK = EMBEDDING = None
+else:
+    MATMUL = _op("LlavaMatmul", _rows_of_weight)            # (x [..., K], W) -> x @ W^T [..., N]
+    LINEAR = _op("LlavaLinear", _rows_of_weight)            # (x, W, bias [N], ACTIVATIONS code int32 [1])
+    SWIGLU = _op("LlavaSwiGLU", _rows_of_weight)            # (x, W_gate, W_up) -> silu(x Wg^T) * x Wu^T
+    LAYER_NORM = _op("LlavaLayerNorm", _like_first)         # (x [..., C], weight, bias, eps [1])
+    RMS_NORM = _op("LlavaRMSNorm", _like_first)             # (x [..., C], weight, eps [1])
+    ATTENTION = _op("LlavaAttention", _like_first)          # (q [B,H,T,D], k, v [B,H,L,D], mask [B|1,H|1,T,L], scale [1])
+    ATTENTION_NO_MASK = _op("LlavaAttentionNoMask", _like_first)  # (q, k, v, scale [1])
+    EMBEDDING = _op("LlavaEmbedding", _rows_of_table)       # (table [V, D], ids int32 [...]) -> [..., D]
 
 
 def available():

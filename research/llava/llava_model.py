@@ -92,10 +92,11 @@ def _matrix(shape, dtype):
 class Linear(nn.Cell):
     """y = x @ W^T (+ bias), W stored [out, in]; `name` is the linear's entry in llava_layout.LINEARS, which says
     how it is split across ranks: replicated, column (this rank's out_features/size outputs) or row (this rank's
-    in_features/size inputs; partial results are all-reduced before the bias)."""
+    in_features/size inputs; partial results are all-reduced before the bias). `activation`: None, "quick_gelu"
+    (CLIP's MLP) or "gelu" (exact, erf: the projector's; computed in float32)."""
 
     def __init__(self, name, in_features, out_features, bias=True, precision=FLOAT32,
-                 tensor_parallel=SINGLE_DEVICE):
+                 tensor_parallel=SINGLE_DEVICE, activation=None):
         super().__init__()
         kind = LINEARS[name]
         size = tensor_parallel.size
@@ -107,62 +108,91 @@ class Linear(nn.Cell):
         self.bias = Parameter(initializer("zeros", (out_features,), ms.float32), name="bias") if bias else None
         self.compute_dtype = precision.compute
         self.all_reduce = ops.AllReduce() if kind.parallel == "row" and size > 1 else None
+        self.activation = activation
+        # The kernels add the bias and the activation as they write the product (not before an all-reduce).
+        self.fused = precision.kernels and self.all_reduce is None and (bias or activation is not None)
+        if self.fused:
+            self.activation_code = Tensor([llava_kernels.ACTIVATIONS[activation]], ms.int32)
+            self.zero_bias = None if bias else Tensor(np.zeros(out_features, np.float32))
         # No cast of the weight on the kernel path: a compiled graph would keep a float32 copy of every weight.
         self.matmul = llava_kernels.MATMUL if precision.kernels else ops.MatMul(transpose_b=True)
         self.cast_weight = not precision.kernels
         self.bias_add = ops.BiasAdd()  # a broadcasting Add over [N, out] is many times slower on CPU (RESULTS.md)
         self.cast = ops.Cast()
+        self.sigmoid = ops.Sigmoid()
+        self.erf = ops.Erf()
 
     def construct(self, x):
-        """x: [..., in] -> [..., out], in compute_dtype."""
+        """x: [..., in] -> [..., out], in compute_dtype (float32 after "gelu")."""
         leading = x.shape[:-1]
         x = self.cast(x.reshape(-1, x.shape[-1]), self.compute_dtype)
+        if self.fused:
+            bias = self.bias if self.bias is not None else self.zero_bias
+            y = llava_kernels.LINEAR(x, self.weight, bias, self.activation_code)
+            return y.reshape(leading + (y.shape[-1],))
         y = self.matmul(x, self.cast(self.weight, self.compute_dtype) if self.cast_weight else self.weight)
         if self.all_reduce is not None:
             y = self.all_reduce(y)
         if self.bias is not None:
             y = self.bias_add(y, self.cast(self.bias, self.compute_dtype))
+        if self.activation == "quick_gelu":
+            y = y * self.sigmoid(1.702 * y)
+        elif self.activation == "gelu":
+            y = y.astype(ms.float32)
+            y = 0.5 * y * (1.0 + self.erf(y * (2.0 ** -0.5)))
         return y.reshape(leading + (y.shape[-1],))
 
 
 class Embedding(nn.Cell):
-    """A table [num, dim] in the weights dtype; rows come back in float32."""
+    """A table [num, dim] in the weights dtype; rows come back in float32 (MindSpore's CPU Gather has no
+    bfloat16: the kernels look rows up in any dtype)."""
 
     def __init__(self, num, dim, precision=FLOAT32):
         super().__init__()
         self.weight = _matrix((num, dim), precision.weights)
+        self.kernel = precision.kernels
         self.gather = ops.Gather()
 
     def construct(self, ids):
+        if self.kernel:
+            return llava_kernels.EMBEDDING(self.weight, ids.astype(ms.int32))
         return self.gather(self.weight, ids, 0).astype(ms.float32)
 
 
 class LayerNorm(nn.Cell):
     """LayerNorm over the last axis, computed in float32."""
 
-    def __init__(self, size, eps):
+    def __init__(self, size, eps, precision=FLOAT32):
         super().__init__()
         self.weight = Parameter(initializer("ones", (size,), ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", (size,), ms.float32), name="bias")
+        self.kernel = precision.kernels
+        self.eps = Tensor([eps], ms.float32)
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
 
     def construct(self, x):
+        if self.kernel:
+            return llava_kernels.LAYER_NORM(x.astype(ms.float32), self.weight, self.bias, self.eps)
         return self.norm(x.astype(ms.float32), self.weight, self.bias)[0]
 
 
 class RMSNorm(nn.Cell):
     """x / sqrt(mean(x^2) + eps) * weight, computed in float32."""
 
-    def __init__(self, size, eps):
+    def __init__(self, size, eps, precision=FLOAT32):
         super().__init__()
         self.weight = Parameter(initializer("ones", (size,), ms.float32), name="weight")
+        self.kernel = precision.kernels
         self.eps = eps
+        self.eps_tensor = Tensor([eps], ms.float32)
         self.mean = ops.ReduceMean(keep_dims=True)
         self.rsqrt = ops.Rsqrt()
         self.mul = ops.Mul()
 
     def construct(self, x):
         x = x.astype(ms.float32)
+        if self.kernel:
+            return llava_kernels.RMS_NORM(x, self.weight, self.eps_tensor)
         return self.mul(self.mul(x, self.rsqrt(self.mean(self.mul(x, x), -1) + self.eps)), self.weight)
 
 
@@ -181,16 +211,24 @@ def merge_heads(x):
 class Attention(nn.Cell):
     """softmax(q k^T * scale + mask) v over [B, H, T, D] inputs; scores and softmax in float32."""
 
-    def __init__(self, head_dim):
+    def __init__(self, head_dim, precision=FLOAT32):
         super().__init__()
+        self.kernel = precision.kernels
         self.scale = head_dim ** -0.5
+        self.scale_tensor = Tensor([self.scale], ms.float32)
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.weighted_sum = ops.BatchMatMul()
         self.softmax = ops.Softmax(axis=-1)
 
     def construct(self, query, key, value, mask=None):
-        """query [B,H,T,D], key/value [B,H,L,D], mask [B,H,T,L] (0 or a large negative; full size, as a
-        broadcasting add costs more than the attention itself on CPU)."""
+        """query [B,H,T,D], key/value [B,H,L,D], mask (0 or a large negative) [B or 1, 1, T, L] for the kernel,
+        which broadcasts it, else [B,H,T,L] (full size: a broadcasting add costs more than the attention itself
+        on CPU)."""
+        if self.kernel:
+            query, key, value = query.astype(ms.float32), key.astype(ms.float32), value.astype(ms.float32)
+            if mask is None:
+                return llava_kernels.ATTENTION_NO_MASK(query, key, value, self.scale_tensor)
+            return llava_kernels.ATTENTION(query, key, value, mask, self.scale_tensor)
         scores = self.scores(query * self.scale, key).astype(ms.float32)  # scaling q: H*T*D, not H*T*L, products
         if mask is not None:
             scores = scores + mask
@@ -231,14 +269,12 @@ class CLIPMLP(nn.Cell):
     def __init__(self, config, precision, tensor_parallel):
         super().__init__()
         self.fc1 = Linear("fc1", config.hidden_size, config.intermediate_size, precision=precision,
-                          tensor_parallel=tensor_parallel)
+                          tensor_parallel=tensor_parallel, activation="quick_gelu")
         self.fc2 = Linear("fc2", config.intermediate_size, config.hidden_size, precision=precision,
                           tensor_parallel=tensor_parallel)
-        self.sigmoid = ops.Sigmoid()
 
     def construct(self, x):
-        x = self.fc1(x)
-        return self.fc2(x * self.sigmoid(1.702 * x))  # quick_gelu
+        return self.fc2(self.fc1(x))
 
 
 class CLIPSelfAttention(nn.Cell):
@@ -250,7 +286,7 @@ class CLIPSelfAttention(nn.Cell):
         self.k_proj = Linear("k_proj", hidden, hidden, precision=precision, tensor_parallel=tensor_parallel)
         self.v_proj = Linear("v_proj", hidden, hidden, precision=precision, tensor_parallel=tensor_parallel)
         self.out_proj = Linear("out_proj", hidden, hidden, precision=precision, tensor_parallel=tensor_parallel)
-        self.attention = Attention(hidden // config.num_attention_heads)
+        self.attention = Attention(hidden // config.num_attention_heads, precision)
 
     def construct(self, x):
         """x [N, 1+P, Hv] -> [N, 1+P, Hv]; every token sees every token."""
@@ -263,9 +299,9 @@ class CLIPSelfAttention(nn.Cell):
 class CLIPEncoderLayer(nn.Cell):
     def __init__(self, config, precision, tensor_parallel):
         super().__init__()
-        self.layer_norm1 = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(config.hidden_size, config.layer_norm_eps, precision)
         self.self_attn = CLIPSelfAttention(config, precision, tensor_parallel)
-        self.layer_norm2 = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(config.hidden_size, config.layer_norm_eps, precision)
         self.mlp = CLIPMLP(config, precision, tensor_parallel)
 
     def construct(self, x):
@@ -279,7 +315,7 @@ class CLIPVisionTower(nn.Cell):
     def __init__(self, config, precision, tensor_parallel):
         super().__init__()
         self.embeddings = CLIPEmbeddings(config, precision)
-        self.pre_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.pre_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, precision)
         self.layers = nn.CellList([CLIPEncoderLayer(config, precision, tensor_parallel)
                                    for _ in range(config.num_computed_layers)])
         self.drop_class_token = config.vision_feature_select_strategy == "default"
@@ -297,14 +333,11 @@ class Projector(nn.Cell):
 
     def __init__(self, vision_hidden, text_hidden, precision):
         super().__init__()
-        self.linear_1 = Linear("linear_1", vision_hidden, text_hidden, precision=precision)
+        self.linear_1 = Linear("linear_1", vision_hidden, text_hidden, precision=precision, activation="gelu")
         self.linear_2 = Linear("linear_2", text_hidden, text_hidden, precision=precision)
-        self.erf = ops.Erf()
 
     def construct(self, features):
-        x = self.linear_1(features).astype(ms.float32)
-        x = 0.5 * x * (1.0 + self.erf(x * (2.0 ** -0.5)))
-        return self.linear_2(x)
+        return self.linear_2(self.linear_1(features))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -389,7 +422,7 @@ class LlamaAttention(nn.Cell):
         self.k_proj = Linear("k_proj", hidden, hidden, **parallel)
         self.v_proj = Linear("v_proj", hidden, hidden, **parallel)
         self.o_proj = Linear("o_proj", hidden, hidden, **parallel)
-        self.attention = Attention(self.head_dim)
+        self.attention = Attention(self.head_dim, precision)
         self.write_cache = ops.ScatterNdUpdate()
 
     def construct(self, x, cos, sin, mask, key_cache=None, value_cache=None, write_index=None,
@@ -424,8 +457,14 @@ class LlamaMLP(nn.Cell):
         self.up_proj = Linear("up_proj", config.hidden_size, config.intermediate_size, **parallel)
         self.down_proj = Linear("down_proj", config.intermediate_size, config.hidden_size, **parallel)
         self.sigmoid = ops.Sigmoid()
+        self.kernel = precision.kernels
 
     def construct(self, x):
+        if self.kernel:  # both products and silu(gate) * up in one op
+            leading = x.shape[:-1]
+            hidden = llava_kernels.SWIGLU(x.reshape(-1, x.shape[-1]).astype(ms.float32), self.gate_proj.weight,
+                                          self.up_proj.weight)
+            return self.down_proj(hidden.reshape(leading + (hidden.shape[-1],)))
         gate = self.gate_proj(x)
         return self.down_proj(gate * self.sigmoid(gate) * self.up_proj(x))
 
@@ -433,9 +472,9 @@ class LlamaMLP(nn.Cell):
 class LlamaDecoderLayer(nn.Cell):
     def __init__(self, config, precision, tensor_parallel):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision)
         self.self_attn = LlamaAttention(config, precision, tensor_parallel)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision)
         self.mlp = LlamaMLP(config, precision, tensor_parallel)
 
     def construct(self, x, cos, sin, mask, key_cache=None, value_cache=None, write_index=None,
@@ -454,7 +493,8 @@ class LlamaModel(nn.Cell):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, precision)
         self.layers = nn.CellList([LlamaDecoderLayer(config, precision, tensor_parallel)
                                    for _ in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision)
+        self.broadcast_mask = not precision.kernels  # the attention kernel broadcasts the mask itself
         self.num_heads = shard_size(config.num_heads, tensor_parallel.size, "text attention heads")  # this rank's
         self.kv_cache = KVCache(config.num_layers, self.num_heads, config.head_dim, precision.compute, max_positions)
         self.cos, self.sin = rotary_tables(config.head_dim, max_positions, config.rope_theta)
@@ -466,11 +506,12 @@ class LlamaModel(nn.Cell):
         write_index: None (no cache), or where this step's keys/values go in the cache (KVCache.write_index).
         """
         # Broadcasting elementwise ops are many times slower than same-shape ones on CPU (bench/RESULTS.md), so
-        # the mask and rotary tables are tiled to every head once here.
+        # the rotary tables, and the mask for MindSpore's attention, are tiled to every head once here.
         batch, heads = hidden.shape[0], self.num_heads
         cos = ops.tile(self.gather(self.cos, positions, 0).expand_dims(1), (1, heads, 1, 1))  # [B, H, T, D]
         sin = ops.tile(self.gather(self.sin, positions, 0).expand_dims(1), (1, heads, 1, 1))
-        mask = ops.tile(mask, (batch // mask.shape[0], heads, 1, 1))  # [B, H, T, L]
+        if self.broadcast_mask:
+            mask = ops.tile(mask, (batch // mask.shape[0], heads, 1, 1))  # [B, H, T, L]
         for index, layer in enumerate(self.layers):
             if write_index is None:
                 hidden = layer(hidden, cos, sin, mask)

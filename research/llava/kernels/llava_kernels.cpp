@@ -14,6 +14,11 @@
 // or AMX): x rounded to bfloat16, a bfloat16 W used in place, a float16 W converted 1024 rows at a time;
 // otherwise, and for float32 W, float32 arithmetic. Without oneDNN the decode kernels take every M.
 //
+// Around the multiplies, what a layer does between them, each in one pass over memory (MindSpore's CPU ops take
+// several, and each op of an op-by-op prompt costs its dispatch): bias and activation added as the product is
+// written (quick_gelu, erf GELU), SwiGLU (silu(x Wg^T) * x Wu^T), LayerNorm and RMSNorm, and attention
+// (softmax(q k^T * scale + mask) v, the two products by oneDNN over all heads at once, float32).
+//
 // Every ISA-specific function carries __attribute__((target(...))) and the file is built for baseline x86-64,
 // so one .so runs on any x86-64 CPU and picks its paths at load (cpuid, and the OS's AVX-512 / AMX state).
 // Threads: one persistent pool (the calling thread and workers, one per CPU this process may use), rows of W
@@ -24,6 +29,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -491,6 +497,109 @@ template <int WT> static void widen_any(const uint16_t* s, float* d, int64_t n) 
   else for (int64_t i = 0; i < n; i++) d[i] = to_f32<WT>(s[i]);
 }
 
+// ------------------------------------------------------------------------------------------ elementwise
+// exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2/2, e^r by its Taylor series to r^7 (relative error
+// below 1e-7, float32's own); large inputs clamped to the float range, and exp(x) for x < -69 (below 1e-30) is
+// 0: a masked softmax would otherwise fill its probabilities with subnormal numbers, which x86 multiplies up to
+// a hundred times slower (the attention's second product ran 30 times slower than its first).
+T512 AI __m512 exp16(__m512 x) {
+  __mmask16 significant = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-69.f), _CMP_GE_OQ);
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-69.f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_maskz_mov_ps(significant, _mm512_scalef_ps(p, n));
+}
+
+enum Activation { ACT_NONE = 0, ACT_QUICK_GELU = 1, ACT_GELU = 2 };
+
+static inline float activate(float v, int act) {
+  if (act == ACT_QUICK_GELU) return v / (1.f + std::exp(-1.702f * v));
+  if (act == ACT_GELU) return 0.5f * v * (1.f + std::erf(v * 0.70710678f));
+  return v;
+}
+
+// One row: y = act(y + bias). quick_gelu vectorized (it runs on every CLIP MLP); erf GELU (the projector's,
+// once per image) scalar.
+T512 static void bias_activation_512(float* y, int64_t n, const float* bias, int act) {
+  int64_t i = 0;
+  if (act != ACT_GELU) {
+    for (; i + 16 <= n; i += 16) {
+      __m512 v = _mm512_loadu_ps(y + i);
+      if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + i));
+      if (act == ACT_QUICK_GELU)
+        v = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_mul_ps(v, _mm512_set1_ps(-1.702f)))));
+      _mm512_storeu_ps(y + i, v);
+    }
+  }
+  for (; i < n; i++) y[i] = activate(bias ? y[i] + bias[i] : y[i], act);
+}
+static void bias_activation_any(float* y, int64_t n, const float* bias, int act) {
+  for (int64_t i = 0; i < n; i++) y[i] = activate(bias ? y[i] + bias[i] : y[i], act);
+}
+
+// y[M, N] = act(y + bias) row by row (bias may be null).
+static void epilogue(float* y, int64_t M, int64_t N, const float* bias, int act) {
+  if (!bias && act == ACT_NONE) return;
+  int64_t rows = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, N));
+  parallel_blocks(M, rows, [&](int64_t a, int64_t b) {
+    for (int64_t m = a; m < b; m++) {
+      if (g.cpu.avx512) bias_activation_512(y + m * N, N, bias, act);
+      else bias_activation_any(y + m * N, N, bias, act);
+    }
+  });
+}
+
+// gate = silu(gate) * up, in place.
+T512 static void swiglu_512(float* gate, const float* up, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 g = _mm512_loadu_ps(gate + i);
+    __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_storeu_ps(gate + i, _mm512_mul_ps(s, _mm512_loadu_ps(up + i)));
+  }
+  for (; i < n; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+static void swiglu(float* gate, const float* up, int64_t n) {
+  parallel_blocks(n, 1 << 15, [&](int64_t a, int64_t b) {
+    if (g.cpu.avx512) swiglu_512(gate + a, up + a, b - a);
+    else for (int64_t i = a; i < b; i++) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  });
+}
+
+// LayerNorm (with bias) or RMSNorm (bias null, no mean) of each row of x [M, C], float32 sums.
+static void norm_rows(const float* x, const float* weight, const float* bias, float eps, float* y, int64_t M,
+                      int64_t C, bool rms) {
+  parallel_blocks(M, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, C)), [&](int64_t a, int64_t b) {
+    for (int64_t m = a; m < b; m++) {
+      const float* row = x + m * C;
+      float* out = y + m * C;
+      float mean = 0.f;
+      if (!rms) {
+        float s[4] = {0, 0, 0, 0};
+        int64_t c = 0;
+        for (; c + 4 <= C; c += 4) for (int j = 0; j < 4; j++) s[j] += row[c + j];
+        for (; c < C; c++) s[0] += row[c];
+        mean = ((s[0] + s[1]) + (s[2] + s[3])) / (float)C;
+      }
+      float q[4] = {0, 0, 0, 0};
+      int64_t c = 0;
+      for (; c + 4 <= C; c += 4) for (int j = 0; j < 4; j++) { float d = row[c + j] - mean; q[j] += d * d; }
+      for (; c < C; c++) { float d = row[c] - mean; q[0] += d * d; }
+      float inv = 1.f / std::sqrt(((q[0] + q[1]) + (q[2] + q[3])) / (float)C + eps);
+      for (c = 0; c < C; c++) out[c] = (row[c] - mean) * inv * weight[c] + (bias ? bias[c] : 0.f);
+    }
+  });
+}
+
 // ------------------------------------------------------------------------------------------ oneDNN
 // The C API of oneDNN 3.x, declared here (MindSpore ships the library, not its headers). MindSpore's build uses
 // the threadpool runtime: it runs multithreaded only on a threadpool handed to its stream, ours.
@@ -618,6 +727,38 @@ static int run(Matmul* mm, const void* src, const void* weights, float* dst) {
   if (dst_memory) api.memory_destroy(dst_memory);
   return status;
 }
+// Batched float32 products for attention: c[i] = a[i] @ b[i] for i < batch, every operand given by its strides
+// (elements) over (batch, rows, cols): a [batch, M, K], b [batch, K, N], c [batch, M, N].
+typedef std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                   int64_t, int64_t> BatchedKey;
+static std::map<BatchedKey, Matmul> batched_primitives;
+
+static int batched(int64_t batch, int64_t M, int64_t N, int64_t K, const float* a, const int64_t* sa, const float* b,
+                   const int64_t* sb, float* c, const int64_t* sc) {
+  BatchedKey key(batch, M, N, K, sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sc[0], sc[1], sc[2]);
+  auto it = batched_primitives.find(key);
+  Matmul* mm = nullptr;
+  if (it != batched_primitives.end()) {
+    mm = &it->second;
+  } else {
+    Matmul made;
+    int64_t a_dims[3] = {batch, M, K}, b_dims[3] = {batch, K, N}, c_dims[3] = {batch, M, N};
+    if (api.memory_desc_create_with_strides(&made.desc[0], 3, a_dims, dt_f32, sa) ||
+        api.memory_desc_create_with_strides(&made.desc[1], 3, b_dims, dt_f32, sb) ||
+        api.memory_desc_create_with_strides(&made.desc[2], 3, c_dims, dt_f32, sc))
+      return -3;
+    api.set_max_concurrency(g.nthreads);
+    void* primitive_desc = nullptr;
+    if (api.matmul_primitive_desc_create(&primitive_desc, api.engine, made.desc[0], made.desc[1], nullptr,
+                                         made.desc[2], nullptr) != 0)
+      return -3;
+    int status = api.primitive_create(&made.primitive, primitive_desc);
+    api.primitive_desc_destroy(primitive_desc);
+    if (status != 0) return -3;
+    mm = &batched_primitives.emplace(key, made).first->second;
+  }
+  return run(mm, a, b, c);
+}
 }  // namespace onednn
 
 // Scratch buffers of the prompt path (grow only; `llava_release_scratch` frees them).
@@ -679,6 +820,96 @@ static int prompt_matmul(const float* x, const Elem<WT>* w, float* y, int64_t M,
   }
 }
 
+// ------------------------------------------------------------------------------------------ attention
+// One row of scores: s = softmax(s * scale + mask), the mask row may be null.
+T512 static void softmax_row_512(float* s, const float* mask, int64_t L, float scale) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t l = 0; l < L; l += 16) {
+    __mmask16 m = L - l >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - l)) - 1);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + l), _mm512_set1_ps(scale));
+    if (mask) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, mask + l));
+    _mm512_mask_storeu_ps(s + l, m, v);
+    top = _mm512_mask_max_ps(top, m, top, v);
+  }
+  __m512 high = _mm512_set1_ps(_mm512_reduce_max_ps(top)), total = _mm512_setzero_ps();
+  for (int64_t l = 0; l < L; l += 16) {
+    __mmask16 m = L - l >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - l)) - 1);
+    __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + l), high));
+    _mm512_mask_storeu_ps(s + l, m, e);
+    total = _mm512_mask_add_ps(total, m, total, e);
+  }
+  __m512 inverse = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+  for (int64_t l = 0; l < L; l += 16) {
+    __mmask16 m = L - l >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - l)) - 1);
+    _mm512_mask_storeu_ps(s + l, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + l), inverse));
+  }
+}
+static void softmax_row_any(float* s, const float* mask, int64_t L, float scale) {
+  float high = -INFINITY, total = 0.f;
+  for (int64_t l = 0; l < L; l++) { s[l] = s[l] * scale + (mask ? mask[l] : 0.f); high = std::max(high, s[l]); }
+  for (int64_t l = 0; l < L; l++) { s[l] = s[l] - high < -69.f ? 0.f : std::exp(s[l] - high); total += s[l]; }
+  for (int64_t l = 0; l < L; l++) s[l] /= total;
+}
+
+// out = softmax(q k^T * scale + mask) v for q [B,H,T,D], k, v [B,H,L,D], mask [Bm,Hm,T,L] (Bm 1 or B, Hm 1 or H;
+// null: none), out [B,H,T,D], all float32. Heads go in groups whose scores fit in 64 MB.
+static void attention(const float* q, const float* k, const float* v, const float* mask, int64_t Bm, int64_t Hm,
+                      float scale, float* out, int64_t B, int64_t H, int64_t T, int64_t L, int64_t D) {
+  int64_t heads = B * H, group = std::max<int64_t>(1, std::min<int64_t>(heads, (16 << 20) / std::max<int64_t>(1, T * L)));
+  static thread_local std::vector<float> scores;
+  scores.resize(std::max(scores.size(), (size_t)(group * T * L)));
+  bool have_onednn = onednn::available();
+  for (int64_t first = 0; first < heads; first += group) {
+    int64_t n = std::min(group, heads - first);
+    const float *qh = q + first * T * D, *kh = k + first * L * D, *vh = v + first * L * D;
+    float* s = scores.data();
+    int64_t sq[3] = {T * D, D, 1}, skt[3] = {L * D, 1, D}, ss[3] = {T * L, L, 1}, sv[3] = {L * D, D, 1};
+    int status = -1;
+    if (have_onednn) {
+      std::lock_guard<std::mutex> lock(onednn::mutex);
+      status = onednn::batched(n, T, L, D, qh, sq, kh, skt, s, ss);
+    }
+    if (status) {  // without oneDNN: plain loops
+      parallel_for((int)n, [&](int i) {
+        for (int64_t t = 0; t < T; t++)
+          for (int64_t l = 0; l < L; l++) {
+            float sum = 0.f;
+            for (int64_t d = 0; d < D; d++) sum += qh[(i * T + t) * D + d] * kh[(i * L + l) * D + d];
+            s[(i * T + t) * L + l] = sum;
+          }
+      });
+    }
+    parallel_blocks(n * T, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, L)), [&](int64_t a, int64_t b) {
+      for (int64_t r = a; r < b; r++) {
+        int64_t head = first + r / T, t = r % T;
+        const float* mask_row = nullptr;
+        if (mask) {
+          int64_t mb = Bm == 1 ? 0 : head / H, mh = Hm == 1 ? 0 : head % H;
+          mask_row = mask + ((mb * Hm + mh) * T + t) * L;
+        }
+        if (g.cpu.avx512) softmax_row_512(s + r * L, mask_row, L, scale);
+        else softmax_row_any(s + r * L, mask_row, L, scale);
+      }
+    });
+    float* oh = out + first * T * D;
+    status = -1;
+    if (have_onednn) {
+      std::lock_guard<std::mutex> lock(onednn::mutex);
+      status = onednn::batched(n, T, D, L, s, ss, vh, sv, oh, sq);
+    }
+    if (status) {
+      parallel_for((int)n, [&](int i) {
+        for (int64_t t = 0; t < T; t++)
+          for (int64_t d = 0; d < D; d++) {
+            float sum = 0.f;
+            for (int64_t l = 0; l < L; l++) sum += s[(i * T + t) * L + l] * vh[(i * L + l) * D + d];
+            oh[(i * T + t) * D + d] = sum;
+          }
+      });
+    }
+  }
+}
+
 template <int WT> static void matmul(const float* x, const Elem<WT>* w, float* y, int64_t M, int64_t N, int64_t K) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) { memset(y, 0, sizeof(float) * M * N); return; }
@@ -697,14 +928,17 @@ static int dispatch(const float* x, const void* w, int wt, float* y, int64_t M, 
 }
 
 // ------------------------------------------------------------------------------------------ the API
+// The signature MindSpore calls an aot op with (ops.Custom, func_type "aot"): inputs, then outputs, in params.
+#define LLAVA_OP(name)                                                                                        \
+  int name([[maybe_unused]] int nparam, [[maybe_unused]] void** params, [[maybe_unused]] int* ndims,            \
+           [[maybe_unused]] int64_t** shapes, [[maybe_unused]] const char** dtypes, [[maybe_unused]] void* stream, \
+           [[maybe_unused]] void* extra)
+
 extern "C" {
 
 // The MindSpore op (ops.Custom, func_type "aot"): inputs x float32 [..., K] and W [N, K] (float32, float16 or
 // bfloat16), output y float32 [..., N].
-int LlavaMatmul(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,
-                void* extra) {
-  (void)stream;
-  (void)extra;
+LLAVA_OP(LlavaMatmul) {
   if (nparam != 3 || strcmp(dtypes[0], "float32") || strcmp(dtypes[2], "float32")) return 1;
   int wt = !strcmp(dtypes[1], "float32") ? WT_F32 : !strcmp(dtypes[1], "float16") ? WT_F16
            : !strcmp(dtypes[1], "bfloat16") ? WT_BF16 : -1;
@@ -713,6 +947,107 @@ int LlavaMatmul(int nparam, void** params, int* ndims, int64_t** shapes, const c
   for (int i = 0; i < ndims[0] - 1; i++) M *= shapes[0][i];
   if (shapes[1][1] != K) return 4;
   return dispatch((const float*)params[0], params[1], wt, (float*)params[2], M, shapes[1][0], K);
+}
+
+static int weight_type(const char* dtype) {
+  return !strcmp(dtype, "float32") ? WT_F32 : !strcmp(dtype, "float16") ? WT_F16 : !strcmp(dtype, "bfloat16") ? WT_BF16
+                                                                                                            : -1;
+}
+static int64_t leading_rows(int ndim, const int64_t* shape) {
+  int64_t rows = 1;
+  for (int i = 0; i < ndim - 1; i++) rows *= shape[i];
+  return rows;
+}
+
+// act(x @ W^T + bias): x float32 [..., K], W [N, K], bias float32 [N], act int32 [1] (0 none, 1 quick_gelu,
+// 2 erf GELU); y float32 [..., N].
+LLAVA_OP(LlavaLinear) {
+  void* matmul_params[3] = {params[0], params[1], params[4]};
+  int matmul_ndims[3] = {ndims[0], ndims[1], ndims[4]};
+  int64_t* matmul_shapes[3] = {shapes[0], shapes[1], shapes[4]};
+  const char* matmul_dtypes[3] = {dtypes[0], dtypes[1], dtypes[4]};
+  if (nparam != 5 || strcmp(dtypes[2], "float32") || strcmp(dtypes[3], "int32")) return 1;
+  int status = LlavaMatmul(3, matmul_params, matmul_ndims, matmul_shapes, matmul_dtypes, stream, extra);
+  if (status) return status;
+  epilogue((float*)params[4], leading_rows(ndims[0], shapes[0]), shapes[1][0], (const float*)params[2],
+           *(const int32_t*)params[3]);
+  return 0;
+}
+
+// silu(x @ Wg^T) * (x @ Wu^T): x float32 [..., K], Wg, Wu [N, K] of one dtype; y float32 [..., N].
+LLAVA_OP(LlavaSwiGLU) {
+  int wt = weight_type(dtypes[1]);
+  if (nparam != 4 || wt < 0 || strcmp(dtypes[2], dtypes[1]) || strcmp(dtypes[0], "float32")) return 1;
+  int64_t K = shapes[0][ndims[0] - 1], M = leading_rows(ndims[0], shapes[0]), N = shapes[1][0];
+  static thread_local std::vector<float> up;
+  up.resize(std::max(up.size(), (size_t)(M * N)));
+  int status = dispatch((const float*)params[0], params[1], wt, (float*)params[3], M, N, K) |
+               dispatch((const float*)params[0], params[2], wt, up.data(), M, N, K);
+  if (status) return status;
+  swiglu((float*)params[3], up.data(), M * N);
+  return 0;
+}
+
+// LayerNorm: x float32 [..., C], weight, bias float32 [C], eps float32 [1] -> y float32 [..., C].
+LLAVA_OP(LlavaLayerNorm) {
+  if (nparam != 5) return 1;
+  ensure_init();
+  norm_rows((const float*)params[0], (const float*)params[1], (const float*)params[2], *(const float*)params[3],
+            (float*)params[4], leading_rows(ndims[0], shapes[0]), shapes[0][ndims[0] - 1], false);
+  return 0;
+}
+
+// RMSNorm: x float32 [..., C], weight float32 [C], eps float32 [1] -> y float32 [..., C].
+LLAVA_OP(LlavaRMSNorm) {
+  if (nparam != 4) return 1;
+  ensure_init();
+  norm_rows((const float*)params[0], (const float*)params[1], nullptr, *(const float*)params[2], (float*)params[3],
+            leading_rows(ndims[0], shapes[0]), shapes[0][ndims[0] - 1], true);
+  return 0;
+}
+
+// softmax(q k^T * scale + mask) v: q float32 [B, H, T, D], k, v [B, H, L, D], mask [B or 1, H or 1, T, L],
+// scale [1] -> out [B, H, T, D]. LlavaAttentionNoMask: the same without the mask input.
+static int attention_op(void** params, int* ndims, int64_t** shapes, const float* mask, const int64_t* mask_shape,
+                        const float* scale, float* out) {
+  if (ndims[0] != 4 || ndims[1] != 4) return 1;
+  ensure_init();
+  const int64_t *qs = shapes[0], *ks = shapes[1];
+  attention((const float*)params[0], (const float*)params[1], (const float*)params[2], mask,
+            mask_shape ? mask_shape[0] : 1, mask_shape ? mask_shape[1] : 1, *scale, out, qs[0], qs[1], qs[2], ks[2],
+            qs[3]);
+  return 0;
+}
+LLAVA_OP(LlavaAttention) {
+  if (nparam != 6 || ndims[3] != 4) return 1;
+  return attention_op(params, ndims, shapes, (const float*)params[3], shapes[3], (const float*)params[4],
+                      (float*)params[5]);
+}
+LLAVA_OP(LlavaAttentionNoMask) {
+  if (nparam != 5) return 1;
+  return attention_op(params, ndims, shapes, nullptr, nullptr, (const float*)params[3], (float*)params[4]);
+}
+
+// Rows of a table: table [V, D] (float32, float16 or bfloat16), ids int32 [...] -> float32 [..., D] (ids outside
+// the table give zeros; the processor and the vocabulary check keep them inside).
+LLAVA_OP(LlavaEmbedding) {
+  int wt = weight_type(dtypes[0]);
+  if (nparam != 3 || wt < 0 || strcmp(dtypes[1], "int32") || ndims[0] != 2) return 1;
+  ensure_init();
+  int64_t V = shapes[0][0], D = shapes[0][1], n = 1;
+  for (int i = 0; i < ndims[1]; i++) n *= shapes[1][i];
+  const int32_t* ids = (const int32_t*)params[1];
+  float* out = (float*)params[2];
+  parallel_blocks(n, 64, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; i++) {
+      float* row = out + i * D;
+      if (ids[i] < 0 || ids[i] >= V) { memset(row, 0, sizeof(float) * D); continue; }
+      if (wt == WT_F32) memcpy(row, (const float*)params[0] + ids[i] * D, sizeof(float) * D);
+      else if (wt == WT_F16) for (int64_t d = 0; d < D; d++) row[d] = f16_to_f32(((const uint16_t*)params[0])[ids[i] * D + d]);
+      else for (int64_t d = 0; d < D; d++) row[d] = bf16_to_f32(((const uint16_t*)params[0])[ids[i] * D + d]);
+    }
+  });
+  return 0;
 }
 
 // The same multiply on plain buffers (tests and benchmarks); wt: 0 float32, 1 float16, 2 bfloat16.
