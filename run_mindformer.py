@@ -5,8 +5,9 @@
         --predict_data demo.jpeg 'Describe the image in English:' --modal_type image text \
         --load_checkpoint llava.ckpt --use_parallel False --auto_trans_ckpt False
 
-`--run_mode finetune` trains instead, with the trainer the YAML's `trainer:` section names (the bundled tiny
-model's is demo/train_llava.py):
+`--run_mode chat` loads the model once, then answers questions typed in the terminal (`/image PATH` picks the
+picture), streaming each answer token by token. `--run_mode finetune` trains instead, with the trainer the
+YAML's `trainer:` section names (the bundled tiny model's is demo/train_llava.py):
 
     python run_mindformer.py --config demo/llava_tiny/finetune_llava_tiny.yaml \
         --register_path research/llava --run_mode finetune
@@ -49,30 +50,36 @@ def str_to_bool(value):
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_arguments(parser):
+    """The flags of every command line that loads the model (this one and serve.py)."""
     parser.add_argument("--config", required=True, help="YAML file")
     parser.add_argument("--register_path", default=None,
                         help="directory of the plugin's modules (auto_register keys resolve there)")
-    parser.add_argument("--run_mode", default=None, choices=["predict", "finetune"],
-                        help="predict: answer --predict_data; finetune: train as the YAML says (train_llava.py)")
+    parser.add_argument("--load_checkpoint", default=None,
+                        help="an HF folder (config.json + safetensors), a llava-ms .ckpt/.safetensors (or a folder "
+                             "holding one), or a folder of rank_K/ shards")
+    parser.add_argument("--device_target", default=None, choices=["CPU", "Ascend", "GPU"])
+    parser.add_argument("--mode", type=int, default=None, choices=[0, 1], help="0 graph, 1 PyNative")
+    parser.add_argument("--output_dir", default=None)
+    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override YAML values by dotted path, e.g. model.model_config.seq_length=1024")
+    parser.add_argument("--verbose", action="store_true", help="MindSpore/MindFormers logs and tracebacks")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--run_mode", default=None, choices=["predict", "finetune", "chat"],
+                        help="predict: answer --predict_data; finetune: train as the YAML says (train_llava.py); "
+                             "chat: read questions from the terminal and stream the answers")
     parser.add_argument("--predict_data", nargs="+", default=None,
                         help="inputs in the order of --modal_type, repeated per example: IMAGE TEXT [IMAGE TEXT ...]")
     parser.add_argument("--modal_type", nargs="+", default=None, choices=["image", "text"],
                         help="modality of each item of an example: image text (or text alone)")
-    parser.add_argument("--load_checkpoint", default=None,
-                        help="an HF folder (config.json + safetensors), a llava-ms .ckpt/.safetensors (or a folder "
-                             "holding one), or a folder of rank_K/ shards")
     parser.add_argument("--use_parallel", type=str_to_bool, default=None)
     parser.add_argument("--auto_trans_ckpt", type=str_to_bool, default=None)
-    parser.add_argument("--device_target", default=None, choices=["CPU", "Ascend", "GPU"])
-    parser.add_argument("--mode", type=int, default=None, choices=[0, 1], help="0 graph, 1 PyNative")
-    parser.add_argument("--output_dir", default=None)
     parser.add_argument("--predict_batch_size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override YAML values by dotted path, e.g. model.model_config.seq_length=1024")
-    parser.add_argument("--verbose", action="store_true", help="MindSpore/MindFormers logs and tracebacks")
     return parser.parse_args(argv)
 
 
@@ -80,10 +87,14 @@ def load_config(args):
     """The run config: the YAML, --options, then the command-line flags (llava_run_config checks all of it)."""
     from llava_run_config import load_run_config
 
-    flags = {"run_mode": args.run_mode, "load_checkpoint": args.load_checkpoint, "use_parallel": args.use_parallel,
-             "auto_trans_ckpt": args.auto_trans_ckpt, "output_dir": args.output_dir, "seed": args.seed,
+    def flag(name):  # serve.py has only add_model_arguments' flags
+        return getattr(args, name, None)
+
+    flags = {"run_mode": flag("run_mode"), "load_checkpoint": args.load_checkpoint,
+             "use_parallel": flag("use_parallel"), "auto_trans_ckpt": flag("auto_trans_ckpt"),
+             "output_dir": args.output_dir, "seed": flag("seed"),
              "context.device_target": args.device_target, "context.mode": args.mode,
-             "model.model_config.batch_size": args.predict_batch_size}
+             "model.model_config.batch_size": flag("predict_batch_size")}
     return load_run_config(args.config, args.options, flags)
 
 
@@ -233,9 +244,11 @@ def explicit_keys(args):
     return {option.split("=", 1)[0] for option in args.options}
 
 
-def run_predict(config, examples, log, explicit=()):
-    """Check everything, build and load the model, answer: see the module docstring. Returns the result rows."""
-    from llava_runtime import follow_checkpoint, set_up_context
+def start_run(config, explicit=()):
+    """What needs no model: the checkpoint's sizes into the config, the context, the parallel group and the CPU
+    plan. Returns (rank, notes): `notes` the lines saying how the run differs from the YAML, logged once the
+    model is loaded (llava_runtime.follow_checkpoint, plan_cpu)."""
+    from llava_runtime import follow_checkpoint, plan_cpu, set_up_context
 
     checkpoint = config.get("load_checkpoint")
     if not checkpoint:
@@ -244,46 +257,69 @@ def run_predict(config, examples, log, explicit=()):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     changes = follow_checkpoint(config, explicit)
     context = config.get("context") or {}
-    output_dir = config.get("output_dir") or "./output"
     set_up_context(device_target=context.get("device_target", "CPU"), mode=context.get("mode", 1),
                    device_id=None if config.get("use_parallel") else context.get("device_id", 0),
-                   max_device_memory=context.get("max_device_memory"), output_dir=output_dir)
+                   max_device_memory=context.get("max_device_memory"),
+                   output_dir=config.get("output_dir") or "./output")
     rank = set_up_parallel(config)
-    results = ResultsFile(output_dir) if rank == 0 else None
+    plan, plan_changed = plan_cpu(config, explicit)
+    notes = [(logging.WARNING, f"model sizes from the checkpoint: {', '.join(changes)}")] if changes else []
+    if plan:
+        notes.append((logging.WARNING if plan_changed else logging.INFO, plan))
+    return rank, notes
+
+
+def build_model(config, log, notes):
+    """Build the network and load the checkpoint into it; then log `notes` and this rank's share."""
+    from llava_weights import load_weights
+    from mindformers.models.build_model import build_network
+
+    started = time.time()
+    model = build_network(config.model)
+    source = load_weights(model, config.load_checkpoint, auto_trans_ckpt=bool(config.get("auto_trans_ckpt")),
+                          save_shards_to=os.path.join(config.get("output_dir") or "./output", "transformed_checkpoint"))
+    log.info("model built and %s loaded in %.1f s", source, time.time() - started)
+    for level, note in notes:  # everything is checked and loaded: say what differs from the YAML, a line each
+        log.log(level, note)
+    log_parameter_counts(model, log)
+    return model
+
+
+def build_processor(config):
+    from llava_run_config import model_config_of
+    from llava_runtime import build_processor as build
+
+    return build(config.processor, model_config_of(config))
+
+
+def load_model(config, log, explicit=()):
+    """The model, ready to answer, as the config says -> (model, tokenizer, processor, rank)."""
+    rank, notes = start_run(config, explicit)
+    tokenizer, processor = build_processor(config)
+    return build_model(config, log, notes), tokenizer, processor, rank
+
+
+def run_predict(config, examples, log, explicit=()):
+    """Check everything, build and load the model, answer: see the module docstring. Returns the result rows."""
+    rank, notes = start_run(config, explicit)
+    results = ResultsFile(config.get("output_dir") or "./output") if rank == 0 else None
     try:
-        return _check_and_answer(config, examples, checkpoint, results, log, changes, explicit)
+        started = time.time()
+        tokenizer, processor = build_processor(config)
+        encoded = encode_examples(processor, examples)
+        log.info("%d inputs checked in %.1f s", len(examples), time.time() - started)
+        model = build_model(config, log, notes)
+        return _answer(model, tokenizer, config, examples, encoded, results, log)
     finally:
         if results is not None:
             results.close()
 
 
-def _check_and_answer(config, examples, checkpoint, results, log, changes, explicit):
+def _answer(model, tokenizer, config, examples, encoded, results, log):
+    """Answer the encoded examples batch by batch, printing and appending each answer as it comes."""
     from llava_generation import answer_inputs
-    from llava_run_config import model_config_of
-    from llava_runtime import build_processor, plan_cpu
-    from llava_weights import load_weights
-    from mindformers.models.build_model import build_network
 
-    started = time.time()
-    plan, plan_changed = plan_cpu(config, explicit)
-    model_config = model_config_of(config)
-    tokenizer, processor = build_processor(config.processor, model_config)
-    encoded = encode_examples(processor, examples)
-    log.info("%d inputs checked in %.1f s", len(examples), time.time() - started)
-
-    started = time.time()
-    model = build_network(config.model)
-    source = load_weights(model, checkpoint, auto_trans_ckpt=bool(config.get("auto_trans_ckpt")),
-                          save_shards_to=os.path.join(config.get("output_dir") or "./output", "transformed_checkpoint"))
-    log.info("model built and %s loaded in %.1f s", source, time.time() - started)
-    # Everything is checked and loaded: say what differs from the YAML (a line each) before the answers.
-    if changes:
-        log.warning("model sizes from the checkpoint: %s", ", ".join(changes))
-    if plan:
-        (log.warning if plan_changed else log.info)(plan)
-    log_parameter_counts(model, log)
-
-    rows, batch_size = [], model_config.batch_size
+    rows, batch_size = [], model.config.batch_size
     try:
         for start in range(0, len(examples), batch_size):
             batch = merge_inputs(encoded[start:start + batch_size])
@@ -301,6 +337,68 @@ def _check_and_answer(config, examples, checkpoint, results, log, changes, expli
     return rows
 
 
+CHAT_HELP = "Ask about a picture: /image PATH loads one (and starts a new conversation). Ctrl-D or Ctrl-C quits."
+
+
+def run_chat(config, log, lines, out, explicit=()):
+    """Answer each line of `lines` (questions, or `/image PATH`), streaming the answer to `out` token by token;
+    follow-up questions continue the conversation about the same picture (its features computed once)."""
+    from llava_generation import GenerationSettings
+    from llava_processor import load_image
+    from llava_serving import DEFAULT_IMAGE_CACHE_BYTES, Engine, Request, prepare_images, prompt_ids
+
+    model, tokenizer, processor, _ = load_model(config, log, explicit)
+    engine = Engine(model, tokenizer, max_batch_size=1, image_cache_bytes=DEFAULT_IMAGE_CACHE_BYTES)
+    engine.warm_up()
+    settings = GenerationSettings.resolve(model.config)
+    print(CHAT_HELP, file=out, flush=True)
+    messages, images = [], []
+    for line in lines:
+        line = line.strip()
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                images = prepare_images(processor.image_processor, [load_image(path)])
+            except (ValueError, OSError) as error:
+                print(f"error: {error}", file=out, flush=True)
+                continue
+            messages = []
+            print(f"(new conversation about {path})", file=out, flush=True)
+            continue
+        if not line:
+            continue
+        content = ([{"type": "image"}] * len(images) if not messages else []) + [{"type": "text", "text": line}]
+        conversation = messages + [{"role": "user", "content": content}]
+        try:
+            ids = prompt_ids(processor, conversation, len(images))
+            budget = settings.new_tokens(len(ids), model.config.seq_length)
+        except ValueError as error:
+            print(f"error: {error}; /image PATH starts a new conversation", file=out, flush=True)
+            continue
+        pieces = []
+
+        def emit(output):
+            pieces.append(output)
+            print(output.text, end="", file=out, flush=True)
+
+        engine.submit(Request(ids, images, settings, budget, emit, seed=config.get("seed")))
+        while not (pieces and pieces[-1].finish_reason):
+            engine.step()
+        print(file=out, flush=True)
+        answer_text = "".join(piece.text for piece in pieces)
+        messages = conversation + [{"role": "assistant", "content": [{"type": "text", "text": answer_text}]}]
+
+
+def report_error(program, error, verbose):
+    """`PROGRAM: error: ` and the first line of the error's message on stderr (with --verbose, the traceback
+    first); returns the exit status for bad input, 2."""
+    if verbose:
+        traceback.print_exc()
+    message = str(error).strip()
+    print(f"{program}: error: {message.splitlines()[0] if message else type(error).__name__}", file=sys.stderr)
+    return 2
+
+
 def _exit_at_once(signum, frame):
     """Ctrl-C or SIGTERM while MindSpore and MindFormers are imported: an exception raised inside the
     initialization of their C++ modules aborts the process or fails the import with a traceback, and nothing
@@ -309,39 +407,41 @@ def _exit_at_once(signum, frame):
     os._exit(130)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt  # so SIGTERM unwinds as Ctrl-C does: answers kept, one line, exit 130
-
-
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO if args.verbose else logging.WARNING)
     log = logging.getLogger("llava")
+    run_mode = args.run_mode
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _exit_at_once)
     try:
         register_plugin(args.register_path)
-        from llava_runtime import quiet_logs
+        from llava_runtime import quiet_logs, sigterm_as_interrupt
         quiet_logs(args.output_dir or "./output", args.verbose)  # imports MindFormers, and MindSpore with it
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        sigterm_as_interrupt()  # answers kept, one line, exit 130
         config = load_config(args)
-        if config.get("run_mode") == "finetune":
+        run_mode = config.get("run_mode") or "predict"
+        if run_mode == "finetune":
             build_trainer(config).train(log=lambda message: print(message, flush=True))
             return 0
+        if run_mode == "chat":
+            run_chat(config, log, sys.stdin, sys.stdout, explicit_keys(args))
+            return 0
+        if run_mode != "predict":
+            raise ValueError(f"run_mode {run_mode!r} is not supported; use predict, finetune or chat")
         examples = predict_examples(args.predict_data, args.modal_type)
         run_predict(config, examples, log, explicit_keys(args))
     except KeyboardInterrupt as interrupt:
+        if run_mode == "chat":  # Ctrl-C is the way out of a chat, as Ctrl-D
+            print(file=sys.stderr)
+            return 0
         if args.verbose:
             traceback.print_exc()
         print(f"run_mindformer.py: interrupted{f'; {interrupt}' if str(interrupt) else ''}", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, KeyError) as error:
-        if args.verbose:
-            traceback.print_exc()
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"run_mindformer.py: error: {message}", file=sys.stderr)
-        return 2
+        return report_error("run_mindformer.py", error, args.verbose)
     return 0
 
 

@@ -111,3 +111,37 @@ def save_hf_checkpoint(model, directory, layout="hub", shards=1, write_config=Tr
     if write_config:
         model.config.save_pretrained(directory)
     return directory
+
+
+def hf_llava_from(model):
+    """Our LlavaVlm as HF's LlavaForConditionalGeneration in float32: the same config and weight values (every
+    name through llava_layout's mapping, the inverse of what the converter reads)."""
+    from llava_layout import our_name, split_hf_name, stored_shape_from_hf  # pylint: disable=import-outside-toplevel
+
+    vision, text = model.config.vision_config, model.config.text_config
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+                                       num_hidden_layers=vision.num_hidden_layers,
+                                       num_attention_heads=vision.num_attention_heads, image_size=vision.image_size,
+                                       patch_size=vision.patch_size, hidden_act="quick_gelu",
+                                       layer_norm_eps=vision.layer_norm_eps, projection_dim=vision.hidden_size),
+        text_config=LlamaConfig(hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
+                                num_hidden_layers=text.num_layers, num_attention_heads=text.num_heads,
+                                vocab_size=text.vocab_size, rms_norm_eps=text.rms_norm_eps, rope_theta=text.rope_theta,
+                                max_position_embeddings=max(4096, model.config.seq_length), bos_token_id=1,
+                                eos_token_id=2, tie_word_embeddings=False),
+        image_token_index=model.config.image_token_id, vision_feature_layer=vision.vision_feature_layer,
+        vision_feature_select_strategy=vision.vision_feature_select_strategy, projector_hidden_act="gelu",
+        image_seq_length=vision.num_image_features)
+    hf_model = LlavaForConditionalGeneration(config).eval()
+    ours = {name: parameter.float().asnumpy() for name, parameter in model.weights().items()}
+    state = {}
+    for in_memory_name, (hf_name, tensor) in zip(hf_model.state_dict(), hub_state_dict(hf_model).items()):
+        name, _ = our_name(*split_hf_name(hf_name), vision.num_computed_layers)
+        if name is not None:  # else unused by LLaVA (layers after the feature layer, post_layernorm): HF's init
+            assert ours[name].shape == stored_shape_from_hf(name, tuple(tensor.shape)), name
+            tensor = torch.from_numpy(ours.pop(name).reshape(tensor.shape))
+        state[in_memory_name] = tensor
+    assert not ours, f"not exported: {sorted(ours)}"
+    hf_model.load_state_dict(state)
+    return hf_model

@@ -98,6 +98,36 @@ def test_same_picture_answers_each_question(bundled):
     assert answers == [a for _, _, a in items]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_weights_and_bfloat16_arithmetic_answer_as_hf_fp32(dtype, kernel_paths):
+    """The bundled model stored in 16 bits and every product forced through the bfloat16 prompt path (on a CPU
+    that has it) gives HF fp32's greedy answers on the same values, token for token, for every question about
+    eight fresh pictures: a trained model's predictions are confident, so bfloat16 rounding must not change one."""
+    import torch  # pylint: disable=import-outside-toplevel
+    from hf_reference import hf_llava_from  # pylint: disable=import-outside-toplevel
+
+    register_plugin(PLUGIN)
+    config = load_config(parse_args(["--config", os.path.join(TINY, "predict_llava_tiny.yaml"), "--options",
+                                     f"processor.tokenizer.vocab_file={os.path.join(TINY, 'tokenizer.model')}",
+                                     f"model.model_config.param_init_type={dtype}"]))
+    model, _, processor = build_components(config)
+    load_weights(model, os.path.join(TINY, "llava_tiny.ckpt"))
+    assert str(model.lm_head.weight.dtype).lower() == dtype
+    reference = hf_llava_from(model)
+    kernel_paths(m_large=1)
+    rng = np.random.default_rng(TEST_SEED + 2)
+    scenes = [shapes_task.random_scene(rng) for _ in range(8)]
+    items = [(question, shapes_task.render(scene)) for scene in scenes for _, question, _ in shapes_task.questions(scene)]
+    inputs = processor([question for question, _ in items], [image for _, image in items])
+    ours = model.generate(inputs["input_ids"], pixel_values=inputs["pixel_values"], max_new_tokens=16)
+    for index, ids in enumerate(inputs["input_ids"]):
+        with torch.no_grad():
+            expected = reference.generate(input_ids=torch.tensor([ids]),
+                                          pixel_values=torch.tensor(inputs["pixel_values"][index:index + 1]),
+                                          max_new_tokens=16, do_sample=False, pad_token_id=0)[0].tolist()
+        assert list(ours[index]) == expected, items[index][0]
+
+
 def make_demo_lines():
     """The command lines `make demo` runs (read from the Makefile, so the test runs what users run)."""
     output = subprocess.run(["make", "-n", "-s", "-o", ".venv/.installed", "demo"], cwd=REPO, capture_output=True,

@@ -27,9 +27,8 @@ OUT_IN = ((1, 1), (37, 129), (129, 37), (17, 15), (1000, 37), (33, 1000), (129, 
 
 
 @pytest.fixture(autouse=True)
-def default_paths():
-    yield
-    llava_kernels.configure(small="avx512bf16", large="onednn", m_large=32)  # the best this CPU has
+def default_paths(kernel_paths):
+    return kernel_paths
 
 
 def bfloat16_bits(values):
@@ -222,3 +221,41 @@ def test_attention(shape, mask_shape, compiled):
         op = llava_kernels.ATTENTION_NO_MASK if mask is None else llava_kernels.ATTENTION
     out = op(*args).asnumpy()
     np.testing.assert_allclose(out, reference_attention(q, k, v, mask, scale), rtol=1e-4, atol=1e-5)
+
+
+@ms.jit
+def compiled_attention_decode(q, k, v, k_cache, v_cache, mask, scale):
+    return llava_kernels.ATTENTION_DECODE(q, k, v, k_cache, v_cache, mask, scale) * 1.0
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 40, 16), (1, 32, 300, 128), (3, 2, 7, 5)])
+@pytest.mark.parametrize("path", ["scalar", "avx512"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["pynative", "graph"])
+def test_attention_decode(shape, path, compiled):
+    """One token per row after its cache: the cached slots its mask shows, then itself. Row 0 sees a prefix (as
+    KVCache.decode_mask makes), row 1 scattered slots, row 2 none of the cache (only itself)."""
+    llava_kernels.configure(small=path)
+    batch, heads, length, dim = shape
+    rng = np.random.default_rng(list(shape))
+    q, k, v = (rng.standard_normal((batch, heads, 1, dim)).astype(np.float32) for _ in range(3))
+    k_cache, v_cache = (rng.standard_normal((batch, heads, length, dim)).astype(np.float32) for _ in range(2))
+    visible = np.zeros((batch, length), bool)
+    visible[0, :length // 2] = True
+    if batch > 1:
+        visible[1] = rng.random(length) < 0.5
+    mask = np.where(visible, 0.0, -1e9).astype(np.float32)[:, None, None, :]
+    scale = dim ** -0.5
+    op = compiled_attention_decode if compiled else llava_kernels.ATTENTION_DECODE
+    out = op(*map(tensor, (q, k, v, k_cache, v_cache, mask)), Tensor([scale], ms.float32)).asnumpy()
+    full_mask = np.concatenate([mask, np.zeros((batch, 1, 1, 1), np.float32)], -1)
+    expected = reference_attention(q, np.concatenate([k_cache, k], 2), np.concatenate([v_cache, v], 2), full_mask,
+                                   scale)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reset_undoes_configure():
+    chosen = llava_kernels.describe()
+    llava_kernels.configure(small="scalar", large="decode", m_large=5)
+    assert llava_kernels.describe() != chosen
+    llava_kernels.reset()
+    assert llava_kernels.describe() == chosen

@@ -146,7 +146,7 @@ def test_option_values_are_typed_as_yaml_types_them():
     ("context.mode=2", "context.mode must be 0 (graph) or 1 (PyNative), got 2"),
     ("parallel_config.model_parallel=0", "parallel_config.model_parallel must be an integer >= 1"),
     ("seed=-1", "seed must be an integer >= 0"),
-    ("run_mode=train", "run_mode must be predict or finetune"),
+    ("run_mode=train", "run_mode must be predict, finetune or chat"),
 ])
 def test_values_out_of_range(option, expected):
     assert expected in refused(YAML_TINY, [option])

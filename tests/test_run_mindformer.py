@@ -214,13 +214,23 @@ def folder_224(tmp_path_factory):
     return {"root": root, "hf": hf_model, "folder": folder, "image": str(root / "photo.png")}
 
 
-def run_7b_yaml(folder_224, *extra):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "run_mindformer.py"), "--config", YAML_7B, "--register_path",
-         os.path.join(REPO, "research", "llava"), "--predict_data", folder_224["image"], QUESTION,
-         "--modal_type", "image", "text", "--load_checkpoint", folder_224["folder"], "--device_target", "CPU",
-         "--output_dir", str(folder_224["root"] / "out"), *extra],
+# Runs the command in a child of a small Python process that prints the child's peak RSS (kB) last on stderr.
+PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+
+
+def run_7b_yaml(folder_224, *extra, folder=None):
+    """run_mindformer.py with the unchanged 7B YAML, --device_target CPU and an HF folder -> the completed
+    process, its stderr without the last line, which is the run's peak RSS in MB (`peak_mb`)."""
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, sys.executable, os.path.join(REPO, "run_mindformer.py"), "--config", YAML_7B,
+         "--register_path", os.path.join(REPO, "research", "llava"), "--predict_data", folder_224["image"], QUESTION,
+         "--modal_type", "image", "text", "--load_checkpoint", folder or folder_224["folder"], "--device_target",
+         "CPU", "--output_dir", str(folder_224["root"] / "out"), *extra],
         capture_output=True, text=True, cwd=str(folder_224["root"]), timeout=300)
+    *lines, peak = result.stderr.rstrip("\n").split("\n")
+    result.stderr, result.peak_mb = "\n".join(lines), int(peak) / 1024
+    return result
 
 
 def test_hf_folder_with_the_7b_yaml(folder_224):
@@ -262,6 +272,34 @@ def test_bad_folders_are_one_line(folder_224, tmp_path, damage, message):
     broken = tmp_path / "broken"
     shutil.copytree(folder_224["folder"], broken)
     os.remove(broken / damage)
-    result = run_7b_yaml(dict(folder_224, folder=str(broken)))
+    result = run_7b_yaml(folder_224, folder=str(broken))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def test_a_16_bit_folder_loads_without_a_float32_copy(folder_224, tmp_path):
+    """A 200M-parameter LLaVA saved in float16 (400 MB; 800 MB in float32) answers through the unchanged 7B YAML
+    with its weights kept in 16 bits: the run's peak RSS exceeds the tiny 224-px model's run by less than 1.5x
+    the 16-bit weights. Building the model in float32, a float32 copy of the weights in a compiled graph, or
+    reading the whole file before placing it would each add 400-800 MB more."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig,  # pylint: disable=import-outside-toplevel
+                              LlavaForConditionalGeneration)
+
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=28, patch_size=14, projection_dim=64, hidden_act="quick_gelu"),
+        text_config=LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=8,
+                                vocab_size=32064, tie_word_embeddings=False, max_position_embeddings=4096),
+        image_token_index=32000, vision_feature_layer=-2, image_seq_length=4, pad_token_id=32001)
+    hf_model = LlavaForConditionalGeneration(config).to(torch.float16)
+    weights_mb = sum(p.numel() for p in hf_model.parameters()) * 2 / 2 ** 20
+    folder = save_hf_checkpoint(hf_model, str(tmp_path / "llava-200m"))
+    del hf_model
+    shutil.copyfile(TOKENIZER, os.path.join(folder, "tokenizer.model"))
+
+    baseline = run_7b_yaml(folder_224, "--options", "model.model_config.max_new_tokens=4")
+    large = run_7b_yaml(folder_224, "--options", "model.model_config.max_new_tokens=4", folder=folder)
+    assert baseline.returncode == 0 and large.returncode == 0, large.stderr
+    assert "CPU: weights float16" in large.stderr
+    assert large.peak_mb - baseline.peak_mb < 1.5 * weights_mb, (large.peak_mb, baseline.peak_mb, weights_mb)

@@ -107,7 +107,7 @@ ACTIVATIONS = {None: 0, "quick_gelu": 1, "gelu": 2}  # the epilogue of LINEAR (k
 # Made at import: a compiled graph can hold an op, but cannot run the Python that would make it. All float32 out;
 # in PyNative and in compiled graphs. x float32 throughout; W float32, float16 or bfloat16 [N, K].
 if _LIB is None:
-    MATMUL = LINEAR = SWIGLU = LAYER_NORM = RMS_NORM = ATTENTION = ATTENTION_NO_MASK = EMBEDDING = None
+    MATMUL = LINEAR = SWIGLU = LAYER_NORM = RMS_NORM = ATTENTION = ATTENTION_NO_MASK = ATTENTION_DECODE = EMBEDDING = None
 else:
     MATMUL = _op("LlavaMatmul", _rows_of_weight)            # (x [..., K], W) -> x @ W^T [..., N]
     LINEAR = _op("LlavaLinear", _rows_of_weight)            # (x, W, bias [N], ACTIVATIONS code int32 [1])
@@ -116,6 +116,8 @@ else:
     RMS_NORM = _op("LlavaRMSNorm", _like_first)             # (x [..., C], weight, eps [1])
     ATTENTION = _op("LlavaAttention", _like_first)          # (q [B,H,T,D], k, v [B,H,L,D], mask [B|1,H|1,T,L], scale [1])
     ATTENTION_NO_MASK = _op("LlavaAttentionNoMask", _like_first)  # (q, k, v, scale [1])
+    # (q, k_new, v_new [B,H,1,D], k_cache, v_cache [B,H,L,D], mask [B,1,1,L], scale [1]): one token after a cache
+    ATTENTION_DECODE = _op("LlavaAttentionDecode", _like_first)
     EMBEDDING = _op("LlavaEmbedding", _rows_of_table)       # (table [V, D], ids int32 [...]) -> [..., D]
 
 
@@ -136,6 +138,11 @@ def configure(small=None, large=None, m_large=None):
     status = _LIB.llava_configure((small or "").encode(), (large or "").encode(), -1 if m_large is None else m_large)
     if status:
         raise ValueError(f"unknown kernel path: small={small!r} large={large!r}")
+
+
+def reset():
+    """The paths chosen at load: the best this CPU has (undoes configure)."""
+    _LIB.llava_reset_paths()
 
 
 def _weight_type(array):

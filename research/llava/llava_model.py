@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from mindformers.models.modeling_utils import PreTrainedModel
@@ -235,6 +235,19 @@ class Attention(nn.Cell):
         probs = self.softmax(scores).astype(value.dtype)
         return self.weighted_sum(probs, value)
 
+    def with_cache(self, query, key, value, cached_key, cached_value, mask):
+        """One new token per row that attends to the cached positions the mask leaves visible and to itself:
+        query, key, value [B,H,1,D]; cached_key/value [B,H,L,D]; mask [B,H,1,L] -> [B,H,1,D]. The new token's
+        key/value are not in the cache yet (KVCache.write puts them there after the step)."""
+        if self.kernel:  # reads only the slots the mask leaves visible
+            return llava_kernels.ATTENTION_DECODE(query, key, value, cached_key, cached_value, mask,
+                                                  self.scale_tensor)
+        query = query * self.scale
+        cached = self.scores(query, cached_key).astype(ms.float32) + mask
+        own = (query * key).sum(-1, keepdims=True).astype(ms.float32)  # [B,H,1,1]
+        probs = self.softmax(ops.concat((cached, own), -1)).astype(value.dtype)
+        return self.weighted_sum(probs[..., :-1], cached_value) + probs[..., -1:] * value
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Vision tower: CLIP ViT (pre-LN encoder, quick_gelu MLP)
@@ -359,24 +372,32 @@ def apply_rotary(x, cos, sin):
     return x * cos + rotated * sin
 
 
-class KVCache(nn.Cell):
-    """The keys and values of every decoder layer for `batch` rows (one sequence each) of `length` positions:
-    one [B, H, L, D] tensor per layer for keys and one for values, written in place by each step.
+class KVCache:
+    """The keys and values of every decoder layer for `batch` rows (one sequence each) of `length` positions.
 
-    It allocates, and says where a step writes (`write_index`) and what a decode step may see (`decode_mask`);
-    which sequence goes to which row, and for how long, is the caller's (llava_steps.py). Runtime state, never
-    saved in checkpoints.
+    Each layer's keys (and values) are one flat [R*H*L, D] buffer, written in place between steps by an
+    op-by-op ScatterUpdate (`write`); a decode step gets [rows, H, L, D] views of the first rows, made once
+    (`views`), as inputs, so a step over fewer rows than the cache holds reads only those (a lone request does
+    not pay for the attention of 15 empty rows). What this avoids, measured on CPU (bench/RESULTS.md, serving):
+    an in-graph ScatterNdUpdate copies the whole cache tensor at each write (16 writes into a 16-row,
+    1024-position cache: 378 ms, against 2 ms for ScatterUpdate into a flat buffer), and a reshape or slice of
+    the cache inside the graph copies it too.
+
+    It allocates, says where a step's keys/values go (`write_index`) and what a decode step may see
+    (`decode_mask`); which sequence is in which row, and for how long, is the caller's (llava_steps.py).
+    Runtime state, never saved in checkpoints.
     """
 
     BLOCK = 256  # lengths are multiples of this: each new cache shape costs a compile of the decode step
 
     def __init__(self, num_layers, num_heads, head_dim, dtype, max_length):
-        super().__init__()
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
         self.dtype, self.max_length = dtype, max_length
         self.keys = self.values = None
+        self._views = {}
         self.batch = self.length = 0
-        self.version = 0  # bumped at each allocation: steps compiled for older tensors are rebuilt
+        self.version = 0  # bumped at each allocation: whoever kept views of the older buffers drops them
+        self._scatter = ops.ScatterUpdate()
 
     def allocate(self, batch, length):
         """Hold at least `batch` rows of `length` positions. A cache that is already large enough is kept, so
@@ -387,27 +408,42 @@ class KVCache(nn.Cell):
         if self.keys is not None and self.batch == batch and self.length >= length:
             return
         length = min(-(-length // self.BLOCK) * self.BLOCK, self.max_length)
-        shape = (batch, self.num_heads, length, self.head_dim)
-
-        def tensors(kind):
-            return ParameterTuple(Parameter(ops.zeros(shape, self.dtype), name=f"{kind}_{i}", requires_grad=False)
-                                  for i in range(self.num_layers))
-        self.keys, self.values = tensors("key"), tensors("value")
+        flat = (batch * self.num_heads * length, self.head_dim)
+        self.keys = tuple(ops.zeros(flat, self.dtype) for _ in range(self.num_layers))
+        self.values = tuple(ops.zeros(flat, self.dtype) for _ in range(self.num_layers))
+        self._views = {}
         self.batch, self.length = batch, length
         self.version += 1
 
+    def views(self, rows):
+        """[rows, H, L, D] views (no copy) of the first `rows` rows of every layer's buffers: (keys, values),
+        made once per row count."""
+        if rows not in self._views:
+            shape = (rows, self.num_heads, self.length, self.head_dim)
+            size = rows * self.num_heads * self.length
+            self._views[rows] = tuple(tuple(buffer[:size].reshape(shape) for buffer in buffers)
+                                      for buffers in (self.keys, self.values))
+        return self._views[rows]
+
     def write_index(self, rows, positions):
-        """rows [B] (cache rows), positions [B, T] -> scatter indices [B*H*T, 3] of (row, head, position)."""
-        batch, steps = positions.shape
-        index = np.empty((batch, self.num_heads, steps, 3), np.int32)
-        index[..., 0] = np.asarray(rows, np.int32)[:, None, None]
-        index[..., 1] = np.arange(self.num_heads, dtype=np.int32)[None, :, None]
-        index[..., 2] = positions[:, None, :]
-        return Tensor(index.reshape(-1, 3))
+        """rows [B] (cache rows), positions [B, T] -> int32 Tensor [B*H*T]: the flat buffer row of each
+        (row, head, position), in the order of a step's [B, H, T, D] keys."""
+        heads = np.arange(self.num_heads, dtype=np.int64)[None, :, None]
+        rows = np.asarray(rows, np.int64)[:, None, None]
+        index = (rows * self.num_heads + heads) * self.length + np.asarray(positions, np.int64)[:, None, :]
+        return Tensor(index.reshape(-1).astype(np.int32))
+
+    def write(self, index, keys, values):
+        """Put a step's keys and values (per layer [B, H, T, D]) at `index` (write_index), in place."""
+        for buffer, key in zip(self.keys, keys):
+            self._scatter(buffer, index, key.reshape(-1, self.head_dim).astype(self.dtype))
+        for buffer, value in zip(self.values, values):
+            self._scatter(buffer, index, value.reshape(-1, self.head_dim).astype(self.dtype))
 
     def decode_mask(self, positions):
-        """positions [B, 1] -> [B, 1, 1, L] float32: a row at position p sees cache slots 0..p."""
-        visible = np.arange(self.length, dtype=np.int32)[None, :] <= positions
+        """positions [B, 1] -> [B, 1, 1, L] float32: a row at position p sees cache slots 0..p-1 (and itself,
+        which is not in the cache yet)."""
+        visible = np.arange(self.length, dtype=np.int32)[None, :] < positions
         return Tensor(np.where(visible, 0.0, MASK_VALUE).astype(np.float32)[:, None, None, :])
 
 
@@ -423,28 +459,23 @@ class LlamaAttention(nn.Cell):
         self.v_proj = Linear("v_proj", hidden, hidden, **parallel)
         self.o_proj = Linear("o_proj", hidden, hidden, **parallel)
         self.attention = Attention(self.head_dim, precision)
-        self.write_cache = ops.ScatterNdUpdate()
 
-    def construct(self, x, cos, sin, mask, key_cache=None, value_cache=None, write_index=None,
-                  attend_to_cache=False):
-        """x [B, T, Ht] -> [B, T, Ht].
+    def construct(self, x, cos, sin, mask, cached_key=None, cached_value=None):
+        """x [B, T, Ht] -> (output [B, T, Ht], this step's keys and values [B, H, T, D], for the KV cache).
 
-        key_cache, value_cache [B, H, L, D] and write_index [B*H*T, 3]: where this step's keys/values are
-            written (KVCache.write_index), or None to run without a cache (training, plain forward).
-        attend_to_cache: attend over the whole cache (decode) instead of this step's keys.
+        cached_key, cached_value [B, H, L, D] (decode, T = 1): attend to them (as far as the mask lets each row
+        see) and to this token; without them (prompt, training) the T tokens attend to each other.
         """
         query = apply_rotary(split_heads(self.q_proj(x), self.num_heads), cos, sin)
         key = apply_rotary(split_heads(self.k_proj(x), self.num_heads), cos, sin)
         value = split_heads(self.v_proj(x), self.num_heads)
-        if write_index is not None:
-            key = key.astype(key_cache.dtype)
-            value = value.astype(value_cache.dtype)
-            self.write_cache(key_cache, write_index, key.reshape(-1, self.head_dim))
-            self.write_cache(value_cache, write_index, value.reshape(-1, self.head_dim))
-            if attend_to_cache:
-                key, value = key_cache, value_cache
-        query = query.astype(key.dtype)
-        return self.o_proj(merge_heads(self.attention(query, key, value, mask)))
+        if cached_key is None:
+            attended = self.attention(query, key, value, mask)
+        else:
+            key, value = key.astype(cached_key.dtype), value.astype(cached_value.dtype)
+            attended = self.attention.with_cache(query.astype(key.dtype), key, value, cached_key, cached_value,
+                                                 mask)
+        return self.o_proj(merge_heads(attended)), key, value
 
 
 class LlamaMLP(nn.Cell):
@@ -477,12 +508,10 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision)
         self.mlp = LlamaMLP(config, precision, tensor_parallel)
 
-    def construct(self, x, cos, sin, mask, key_cache=None, value_cache=None, write_index=None,
-                  attend_to_cache=False):
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, key_cache, value_cache, write_index,
-                                  attend_to_cache)
+    def construct(self, x, cos, sin, mask, cached_key=None, cached_value=None):
+        attended, key, value = self.self_attn(self.input_layernorm(x), cos, sin, mask, cached_key, cached_value)
         x = x + attended.astype(ms.float32)
-        return x + self.mlp(self.post_attention_layernorm(x)).astype(ms.float32)
+        return x + self.mlp(self.post_attention_layernorm(x)).astype(ms.float32), key, value
 
 
 class LlamaModel(nn.Cell):
@@ -500,10 +529,11 @@ class LlamaModel(nn.Cell):
         self.cos, self.sin = rotary_tables(config.head_dim, max_positions, config.rope_theta)
         self.gather = ops.Gather()
 
-    def construct(self, hidden, positions, mask, write_index=None, attend_to_cache=False):
-        """hidden [B, T, Ht], positions [B, T] int32, mask [B or 1, 1, T, L] -> normed hidden [B, T, Ht] float32.
+    def construct(self, hidden, positions, mask, cached_keys=None, cached_values=None):
+        """hidden [B, T, Ht], positions [B, T] int32, mask [B or 1, 1, T, L] -> (normed hidden [B, T, Ht]
+        float32, this step's keys and values: per layer [B, H, T, D], for KVCache.write).
 
-        write_index: None (no cache), or where this step's keys/values go in the cache (KVCache.write_index).
+        cached_keys, cached_values: per layer [B, H, L, D] (KVCache.views) for a decode step, else None.
         """
         # Broadcasting elementwise ops are many times slower than same-shape ones on CPU (bench/RESULTS.md), so
         # the rotary tables, and the mask for MindSpore's attention, are tiled to every head once here.
@@ -512,14 +542,14 @@ class LlamaModel(nn.Cell):
         sin = ops.tile(self.gather(self.sin, positions, 0).expand_dims(1), (1, heads, 1, 1))
         if self.broadcast_mask:
             mask = ops.tile(mask, (batch // mask.shape[0], heads, 1, 1))  # [B, H, T, L]
+        keys, values = (), ()
         for index, layer in enumerate(self.layers):
-            if write_index is None:
-                hidden = layer(hidden, cos, sin, mask)
+            if cached_keys is None:
+                hidden, key, value = layer(hidden, cos, sin, mask)
             else:
-                hidden = layer(hidden, cos, sin, mask, self.kv_cache.keys[index], self.kv_cache.values[index],
-                               write_index, attend_to_cache)
-        return self.norm(hidden)
-
+                hidden, key, value = layer(hidden, cos, sin, mask, cached_keys[index], cached_values[index])
+            keys, values = keys + (key,), values + (value,)
+        return self.norm(hidden), keys, values
 
 # ----------------------------------------------------------------------------------------------------------
 # LLaVA
@@ -573,9 +603,8 @@ class LlavaVlm(LlavaGenerationMixin, PreTrainedModel):
         return self.__dict__["_runner"]
 
     def weights(self):
-        """name -> Parameter of everything a checkpoint holds (the KV cache is runtime state, not a weight)."""
-        return {name: parameter for name, parameter in self.parameters_and_names()
-                if not name.startswith("language_model.kv_cache.")}
+        """name -> Parameter of everything a checkpoint holds (the KV cache is runtime state, not a Parameter)."""
+        return dict(self.parameters_and_names())
 
     def init_weights(self):
         """Give every matrix not yet loaded fresh N(0, 0.02) values, in the order the model creates them."""
@@ -623,4 +652,4 @@ class LlavaVlm(LlavaGenerationMixin, PreTrainedModel):
         hidden = self.language_model.embed_tokens(text_ids)
         if pixel_values is not None:
             hidden = merge_image_features(hidden, self.image_features(pixel_values), merge_index)
-        return self.lm_head(self.language_model(hidden, positions, mask)).astype(ms.float32)
+        return self.lm_head(self.language_model(hidden, positions, mask)[0]).astype(ms.float32)

@@ -62,8 +62,9 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from llava_config import check_value, is_int, is_number
 
 __all__ = ["load_image", "decode_image", "check_image_size", "to_rgb", "expand_to_square", "LlavaImageProcessor",
-           "build_prompt", "LlavaProcessor", "SUPPORTED_EXTENSIONS", "CLIP_MEAN", "CLIP_STD", "PAD_COLOR", "IMAGE_TOKEN",
-           "MAX_IMAGE_SIDE", "MAX_ASPECT_RATIO", "URL_TIMEOUT_SECONDS", "MAX_DOWNLOAD_BYTES", "MAX_REDIRECTS"]
+           "build_prompt", "chat_prompt", "LlavaProcessor", "SUPPORTED_EXTENSIONS", "CLIP_MEAN", "CLIP_STD",
+           "PAD_COLOR", "IMAGE_TOKEN", "MAX_IMAGE_SIDE", "MAX_ASPECT_RATIO", "URL_TIMEOUT_SECONDS",
+           "MAX_DOWNLOAD_BYTES", "MAX_REDIRECTS"]
 
 SUPPORTED_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # PIL's names of those formats: the only decoders Image.open may use (JPEG's also opens a phone's multi-picture
@@ -447,6 +448,29 @@ def build_prompt(question, num_images=1):
     return f"USER: {IMAGE_TAG * num_images}{question} ASSISTANT:"
 
 
+def chat_prompt(messages):
+    """A conversation in llava-1.5-hf's chat template (its `chat_template.json`, as transformers'
+    `apply_chat_template(messages, add_generation_prompt=True)` renders it).
+
+    Args:
+        messages: [{"role": "system" | "user" | "assistant", "content": [{"type": "image"} |
+            {"type": "text", "text": str}, ...]}, ...].
+
+    Returns:
+        str. Each message is "ROLE: " (nothing for a system message), then "<image>\n" per image part, then
+        each text part followed by a space; "ASSISTANT:" ends the prompt. So one question about one image is
+        `build_prompt`'s "USER: <image>\nQ ASSISTANT:", and a follow-up "USER: <image>\nQ1 ASSISTANT: A1
+        USER: Q2 ASSISTANT:" (the template puts no "</s>" after an answer, unlike the original LLaVA repo's).
+    """
+    parts = []
+    for message in messages:
+        if message["role"] != "system":
+            parts.append(message["role"].upper() + ": ")
+        parts.extend(IMAGE_TAG for part in message["content"] if part["type"] == "image")
+        parts.extend(part["text"] + " " for part in message["content"] if part["type"] == "text")
+    return "".join(parts) + "ASSISTANT:"
+
+
 def expand_image_tokens(input_ids, image_token_id, count):
     """Repeat every `image_token_id` in `input_ids` `count` times in place (list of int -> list of int)."""
     expanded = []
@@ -534,7 +558,10 @@ class LlavaProcessor:
         Returns:
             list of int.
         """
-        text = build_prompt(prompt, num_images)
+        return self.encode_templated(build_prompt(prompt, num_images), num_images, index)
+
+    def encode_templated(self, text, num_images, index=0):
+        """`encode_prompt` for a prompt already in the template (e.g. `chat_prompt`'s), used as given."""
         ids = list(self.tokenizer(text)["input_ids"])
         image_token_id = self.tokenizer.image_token_id
         num_tags = ids.count(image_token_id)

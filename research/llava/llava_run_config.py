@@ -44,7 +44,7 @@ def _is_path(value):
 
 # Leaf checks: key -> (valid, what is expected). A None leaf is a key checked by the class that reads it.
 RUN_KEYS = {
-    "run_mode": (lambda v: v in ("predict", "finetune"), "predict or finetune"),
+    "run_mode": (lambda v: v in ("predict", "finetune", "chat"), "predict, finetune or chat"),
     "seed": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
     "output_dir": (_is_path, "a directory path"),
     "load_checkpoint": (lambda v: v is None or isinstance(v, str), "a checkpoint path"),
@@ -281,7 +281,7 @@ def load_run_config(path, options=(), flags=None):
         GenerationSettings.resolve(model_config)
     except ValueError as error:
         raise ValueError(f"model.model_config: {error}") from None
-    if run_mode == "predict":
+    if run_mode != "finetune":  # predict, chat, and serve.py's runs
         processor = _require(values, "processor", where, "the tokenizer and the image settings")
         _require(values, "processor.type", where, "LlavaProcessor")
         _require(values, "processor.tokenizer.type", where, "LlavaTokenizer")

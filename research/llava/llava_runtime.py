@@ -49,6 +49,19 @@ def check_directory_path(path, what):
         raise ValueError(f"{what} {path}: {folder} is a file, not a directory")
 
 
+def sigterm_as_interrupt():
+    """Make SIGTERM raise KeyboardInterrupt, as Ctrl-C does (call from the main thread).
+
+    Once it has compiled a graph, MindSpore answers Ctrl-C (SIGINT) with its own handler, which sends the
+    process SIGTERM; SIGTERM's default action would kill it on the spot: a terminal chat would end with
+    status 143 instead of cleanly, a server without letting its running requests finish (uvicorn shuts down
+    gracefully on SIGTERM while it serves, then raises it again, which this turns into KeyboardInterrupt).
+    """
+    import signal  # pylint: disable=import-outside-toplevel
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def quiet_logs(output_dir, verbose=False):
     """Keep MindSpore/MindFormers quiet unless `verbose`, and keep their files under `output_dir`.
 

@@ -2,9 +2,10 @@
 around them (padding prompts, where image features go, which KV-cache rows a prompt fills).
 
     VisionStep   pixels [N, 3, S, S] -> image features [N*F, Ht]
-    PrefillStep  prompts [B, S] + image features -> logits of each prompt's last token [B, V];
-                 keys/values written into the prompts' cache rows
-    DecodeStep   one token per cache row [B] -> logits [B, V]; keys/values written at each row's position
+    PrefillStep  prompts [B, S] + image features -> logits of each prompt's last token [B, V], and the
+                 prompts' keys/values, which the runner writes into their cache rows
+    DecodeStep   one token for each of the first B cache rows [B] + those rows' cached keys/values ->
+                 logits [B, V], and the tokens' keys/values, which the runner writes at each row's position
 
 Each step has `eager` (op by op, PyNative) and `compiled` (the same function as one graph, ms.jit). Op-by-op
 dispatch, not arithmetic, bounds speed on CPU, so the decode step is always compiled. The vision and prefill
@@ -12,7 +13,8 @@ steps are compiled only with `compile_prefill: True`: on CPU MindSpore keeps eve
 graph allocated (several GB for the ViT-L tower and a 600-token prefill), which costs more than the faster
 prompt gains there (bench/RESULTS.md); the Ascend YAML turns it on. A compiled step compiles once per input
 shape: the vision step per image count, the prefill per (batch, prompt length rounded up to PREFILL_BLOCK),
-the decode per cache shape. The steps share the model's cells, so they see its weights and its KV cache.
+the decode per (rows, cache length). The steps share the model's cells, so they see its weights; the KV cache
+(KVCache, llava_model.py) is written between steps, in place, and read by the decode step as inputs.
 """
 import numpy as np
 
@@ -56,19 +58,19 @@ class PrefillStep(nn.Cell):
         self.language_model = model.language_model
         self.lm_head = model.lm_head
 
-    def eager(self, text_ids, image_features, merge_index, positions, mask, last_index, write_index=None):
+    def eager(self, text_ids, image_features, merge_index, positions, mask, last_index):
         """text_ids, positions [B, S] int32; image_features [M, Ht]; merge_index [B*S]; mask [1, 1, S, S];
-        last_index [B] (flat index of each row's last token); write_index [B*H*S, 3] or None (no cache)
-        -> logits [B, V] float32."""
+        last_index [B] (flat index of each row's last token) -> (logits [B, V] float32, keys, values: per layer
+        [B, H, S, D])."""
         batch, length = text_ids.shape
         hidden = merge_image_features(self.language_model.embed_tokens(text_ids), image_features, merge_index)
-        hidden = self.language_model(hidden, positions, mask, write_index)
+        hidden, keys, values = self.language_model(hidden, positions, mask)
         last = ops.gather(hidden.reshape(batch * length, -1), last_index, 0)
-        return self.lm_head(last).astype(ms.float32)
+        return self.lm_head(last).astype(ms.float32), keys, values
 
     @ms.jit
-    def compiled(self, text_ids, image_features, merge_index, positions, mask, last_index, write_index=None):
-        return self.eager(text_ids, image_features, merge_index, positions, mask, last_index, write_index)
+    def compiled(self, text_ids, image_features, merge_index, positions, mask, last_index):
+        return self.eager(text_ids, image_features, merge_index, positions, mask, last_index)
 
 
 class DecodeStep(nn.Cell):
@@ -77,16 +79,17 @@ class DecodeStep(nn.Cell):
         self.language_model = model.language_model
         self.lm_head = model.lm_head
 
-    def eager(self, token_ids, positions, mask, write_index):
-        """token_ids, positions [B, 1] int32; mask [B, 1, 1, L]; write_index [B*H, 3] -> logits [B, V] float32."""
-        hidden = self.language_model(self.language_model.embed_tokens(token_ids), positions, mask, write_index,
-                                     True)
-        return self.lm_head(hidden[:, 0]).astype(ms.float32)
+    def eager(self, token_ids, positions, mask, cached_keys, cached_values):
+        """token_ids, positions [B, 1] int32; mask [B, 1, 1, L]; cached_keys, cached_values: per layer
+        [B, H, L, D] (KVCache.views) -> (logits [B, V] float32, keys, values: per layer [B, H, 1, D])."""
+        hidden, keys, values = self.language_model(self.language_model.embed_tokens(token_ids), positions, mask,
+                                                   cached_keys, cached_values)
+        return self.lm_head(hidden[:, 0]).astype(ms.float32), keys, values
 
     # jit_level O1 (MindSpore's graph fusion passes): ~10% faster per token than O0 (bench/RESULTS.md).
     @ms.jit(jit_level="O1")
-    def compiled(self, token_ids, positions, mask, write_index):
-        return self.eager(token_ids, positions, mask, write_index)
+    def compiled(self, token_ids, positions, mask, cached_keys, cached_values):
+        return self.eager(token_ids, positions, mask, cached_keys, cached_values)
 
 
 class ModelRunner:
@@ -97,9 +100,8 @@ class ModelRunner:
         self.model = model
         self.cache = model.language_model.kv_cache
         self.vision_step = VisionStep(model)
-        self.uncached_prefill_step = PrefillStep(model)
-        self._cache_version = None
-        self.prefill_step = self.decode_step = None
+        self.prefill_step = PrefillStep(model)
+        self.decode_step = DecodeStep(model)
 
     @property
     def compile_prefill(self):
@@ -113,12 +115,8 @@ class ModelRunner:
         return step(pixel_values)
 
     def reserve(self, rows, length):
-        """A cache of `rows` rows of at least `length` positions (steps compiled for an older cache are rebuilt:
-        they hold its tensors)."""
+        """A cache of `rows` rows of at least `length` positions."""
         self.cache.allocate(rows, length)
-        if self._cache_version != self.cache.version:
-            self.prefill_step, self.decode_step = PrefillStep(self.model), DecodeStep(self.model)
-            self._cache_version = self.cache.version
 
     def prefill(self, prompts, image_features=None, rows=None, use_cache=True):
         """Run prompts (lists of token ids, ragged; `<image>` slots included) once; logits of each one's last
@@ -143,21 +141,25 @@ class ModelRunner:
             image_features = ops.zeros((1, self.model.config.text_config.hidden_size), ms.float32)  # never gathered
         positions = np.broadcast_to(np.arange(padded_length, dtype=np.int32), (batch, padded_length))
         last_index = lengths - 1 + np.arange(batch, dtype=np.int32) * padded_length
+        run = self.prefill_step.compiled if self.compile_prefill else self.prefill_step.eager
+        logits, keys, values = run(Tensor(text_ids), image_features, Tensor(merge_index), Tensor(positions),
+                                   causal_mask(padded_length), Tensor(last_index))
         if use_cache:
-            rows = np.arange(batch) if rows is None else rows
-            step, write_index = self.prefill_step, self.cache.write_index(rows, positions)
-        else:
-            step, write_index = self.uncached_prefill_step, None
-        run = step.compiled if self.compile_prefill else step.eager
-        logits = run(Tensor(text_ids), image_features, Tensor(merge_index), Tensor(positions),
-                     causal_mask(padded_length), Tensor(last_index), write_index)
+            self.cache.write(self.cache.write_index(np.arange(batch) if rows is None else rows, positions), keys,
+                             values)
         return logits.asnumpy()
 
     def decode(self, tokens, positions):
-        """One compiled step over every cache row: tokens [rows] at positions [rows] (each row's own) ->
-        logits [rows, V]. Rows that hold no sequence take any token at position 0 and are ignored."""
+        """One compiled step over the first len(tokens) cache rows: tokens [n] at positions [n] (each row's own)
+        -> logits [n, V]. Rows that hold no sequence take any token at position 0 and are ignored. Each n
+        compiles once."""
         positions = np.asarray(positions, np.int32).reshape(-1, 1)
+        rows = len(positions)
         token_ids = Tensor(np.asarray(tokens, np.int32).reshape(-1, 1))
-        write_index = self.cache.write_index(np.arange(len(positions)), positions)
-        return self.decode_step.compiled(token_ids, Tensor(positions), self.cache.decode_mask(positions),
-                                         write_index).asnumpy()
+        cached_keys, cached_values = self.cache.views(rows)
+        # mutable: a tuple of tensors is otherwise a constant of the graph, and the cache changes every step.
+        logits, keys, values = self.decode_step.compiled(token_ids, Tensor(positions),
+                                                         self.cache.decode_mask(positions), ms.mutable(cached_keys),
+                                                         ms.mutable(cached_values))
+        self.cache.write(self.cache.write_index(np.arange(rows), positions), keys, values)
+        return logits.asnumpy()

@@ -17,7 +17,8 @@
 // Around the multiplies, what a layer does between them, each in one pass over memory (MindSpore's CPU ops take
 // several, and each op of an op-by-op prompt costs its dispatch): bias and activation added as the product is
 // written (quick_gelu, erf GELU), SwiGLU (silu(x Wg^T) * x Wu^T), LayerNorm and RMSNorm, and attention
-// (softmax(q k^T * scale + mask) v, the two products by oneDNN over all heads at once, float32).
+// (softmax(q k^T * scale + mask) v, the two products by oneDNN over all heads at once, float32; a decode step's,
+// one token after a KV cache, a pass over each row's visible slots).
 //
 // Every ISA-specific function carries __attribute__((target(...))) and the file is built for baseline x86-64,
 // so one .so runs on any x86-64 CPU and picks its paths at load (cpuid, and the OS's AVX-512 / AMX state).
@@ -101,9 +102,15 @@ static int usable_cpus() {
   return n ? (int)n : 1;
 }
 
+static void default_paths() {
+  Settings defaults;
+  g.small_path = g.cpu.avx512bf16 ? SP_AVX512BF : g.cpu.avx512 ? SP_AVX512 : g.cpu.avx2 ? SP_AVX2 : SP_SCALAR;
+  g.large_path = defaults.large_path;
+  g.m_large = defaults.m_large;
+}
 static void init_settings() {
   g.cpu = detect_cpu();
-  g.small_path = g.cpu.avx512bf16 ? SP_AVX512BF : g.cpu.avx512 ? SP_AVX512 : g.cpu.avx2 ? SP_AVX2 : SP_SCALAR;
+  default_paths();
   g.nthreads = usable_cpus();
 }
 static std::once_flag g_init_once;
@@ -910,6 +917,59 @@ static void attention(const float* q, const float* k, const float* v, const floa
   }
 }
 
+// A decode step's attention: one new token per row after the rows' KV cache, each (row, head) a pass over its
+// cache: out = softmax([q k_cache^T, q k_new^T] * scale + [mask, 0]) [v_cache; v_new]. q, k_new, v_new [B,H,1,D];
+// k_cache, v_cache [B,H,L,D]; mask [B,1,1,L], 0 (visible) or a large negative (hidden), as everywhere here:
+// slots after a row's last visible one are not read, so a row at position p reads p slots, not the whole cache.
+T512 static float dot_512(const float* a, const float* b, int64_t n) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), sum);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+T512 static void axpy_512(float a, const float* x, float* y, int64_t n) {  // y += a x
+  for (int64_t i = 0; i < n; i += 16) {
+    __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_maskz_loadu_ps(m, x + i),
+                                                    _mm512_maskz_loadu_ps(m, y + i)));
+  }
+}
+static float dot_any(const float* a, const float* b, int64_t n) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; i++) sum += a[i] * b[i];
+  return sum;
+}
+static void axpy_any(float a, const float* x, float* y, int64_t n) { for (int64_t i = 0; i < n; i++) y[i] += a * x[i]; }
+
+static void attention_decode(const float* q, const float* k_new, const float* v_new, const float* k_cache,
+                             const float* v_cache, const float* mask, float scale, float* out, int64_t B, int64_t H,
+                             int64_t L, int64_t D) {
+  bool wide = best_small_path_up_to(g.small_path) >= SP_AVX512;  // forced down to scalar in tests
+  parallel_for((int)(B * H), [&](int i) {
+    const float* mask_row = mask + (i / H) * L;
+    int64_t n = L;
+    while (n > 0 && mask_row[n - 1] != 0.f) n--;
+    static thread_local std::vector<float> s;
+    s.resize(std::max(s.size(), (size_t)(n + 1)));
+    const float *qi = q + i * D, *keys = k_cache + i * L * D, *values = v_cache + i * L * D;
+    for (int64_t l = 0; l < n; l++)
+      s[l] = (wide ? dot_512(qi, keys + l * D, D) : dot_any(qi, keys + l * D, D)) * scale + mask_row[l];
+    s[n] = (wide ? dot_512(qi, k_new + i * D, D) : dot_any(qi, k_new + i * D, D)) * scale;
+    if (wide) softmax_row_512(s.data(), nullptr, n + 1, 1.f);
+    else softmax_row_any(s.data(), nullptr, n + 1, 1.f);
+    float* oi = out + i * D;
+    memset(oi, 0, sizeof(float) * D);
+    for (int64_t l = 0; l <= n; l++) {
+      const float* v = l < n ? values + l * D : v_new + i * D;
+      if (s[l] == 0.f) continue;  // hidden slots (exp flushed to 0) cost no pass over their values
+      if (wide) axpy_512(s[l], v, oi, D);
+      else axpy_any(s[l], v, oi, D);
+    }
+  });
+}
+
 template <int WT> static void matmul(const float* x, const Elem<WT>* w, float* y, int64_t M, int64_t N, int64_t K) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) { memset(y, 0, sizeof(float) * M * N); return; }
@@ -1028,6 +1088,20 @@ LLAVA_OP(LlavaAttentionNoMask) {
   return attention_op(params, ndims, shapes, nullptr, nullptr, (const float*)params[3], (float*)params[4]);
 }
 
+// attention_decode: q, k_new, v_new float32 [B, H, 1, D], k_cache, v_cache [B, H, L, D], mask [B, 1, 1, L],
+// scale [1] -> out [B, H, 1, D].
+LLAVA_OP(LlavaAttentionDecode) {
+  if (nparam != 8 || ndims[0] != 4 || ndims[3] != 4 || ndims[5] != 4) return 1;
+  for (int i = 0; i < 8; i++) if (strcmp(dtypes[i], "float32")) return 1;
+  const int64_t *qs = shapes[0], *cs = shapes[3];
+  if (qs[2] != 1 || cs[0] != qs[0] || cs[1] != qs[1] || cs[3] != qs[3] || shapes[5][3] != cs[2]) return 2;
+  ensure_init();
+  attention_decode((const float*)params[0], (const float*)params[1], (const float*)params[2], (const float*)params[3],
+                   (const float*)params[4], (const float*)params[5], *(const float*)params[6], (float*)params[7],
+                   qs[0], qs[1], cs[2], qs[3]);
+  return 0;
+}
+
 // Rows of a table: table [V, D] (float32, float16 or bfloat16), ids int32 [...] -> float32 [..., D] (ids outside
 // the table give zeros; the processor and the vocabulary check keep them inside).
 LLAVA_OP(LlavaEmbedding) {
@@ -1076,6 +1150,12 @@ int llava_configure(const char* small, const char* large, int64_t m_large) {
   }
   if (m_large >= 0) g.m_large = m_large;
   return 0;
+}
+
+// Back to the paths chosen at load (after llava_configure).
+void llava_reset_paths() {
+  ensure_init();
+  default_paths();
 }
 
 // What this CPU and library will do, in one line.
