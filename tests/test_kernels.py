@@ -183,8 +183,8 @@ def compiled_attention(q, k, v, mask, scale):
 
 
 @ms.jit
-def compiled_attention_no_mask(q, k, v, scale):
-    return llava_kernels.ATTENTION_NO_MASK(q, k, v, scale) * 1.0
+def compiled_self_attention(q, k, v, heads, scale):
+    return llava_kernels.SELF_ATTENTION(q, k, v, heads, scale) * 1.0
 
 
 def reference_attention(q, k, v, mask, scale):
@@ -195,8 +195,27 @@ def reference_attention(q, k, v, mask, scale):
     return np.einsum("bhtl,bhld->bhtd", scores / scores.sum(-1, keepdims=True), v.astype(np.float64))
 
 
+def heads_major(x, heads):
+    """[B, T, H*D] -> [B, H, T, D]."""
+    batch, length, width = x.shape
+    return x.reshape(batch, length, heads, width // heads).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 17, 16), (2, 3, 9, 5), (1, 16, 577, 64)])  # the last: CLIP ViT-L/14-336
+@pytest.mark.parametrize("compiled", [False, True], ids=["pynative", "graph"])
+def test_self_attention_splits_heads_by_strides(shape, compiled):
+    """The vision tower's attention: q, k, v [B, T, H*D] as the projections write them, out in the same layout."""
+    batch, heads, length, dim = shape
+    rng = np.random.default_rng(list(shape))
+    q, k, v = (rng.standard_normal((batch, length, heads * dim)).astype(np.float32) for _ in range(3))
+    scale = dim ** -0.5
+    op = compiled_self_attention if compiled else llava_kernels.SELF_ATTENTION
+    out = op(tensor(q), tensor(k), tensor(v), Tensor([heads], ms.int32), Tensor([scale], ms.float32)).asnumpy()
+    expected = reference_attention(heads_major(q, heads), heads_major(k, heads), heads_major(v, heads), None, scale)
+    np.testing.assert_allclose(out, expected.transpose(0, 2, 1, 3).reshape(out.shape), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape, mask_shape", [
-    ((1, 4, 17, 37, 16), None),              # CLIP: no mask
     ((2, 3, 9, 9, 8), (1, 1, 9, 9)),         # a causal prompt, one mask for every row and head
     ((2, 3, 1, 300, 64), (2, 1, 1, 300)),    # decode: one token per row over the cache, a row's own mask
     ((1, 2, 5, 7, 3), (1, 2, 5, 7)),         # a mask per head
@@ -209,17 +228,11 @@ def test_attention(shape, mask_shape, compiled):
     q = rng.standard_normal((batch, heads, queries, dim)).astype(np.float32)
     k = rng.standard_normal((batch, heads, keys, dim)).astype(np.float32)
     v = rng.standard_normal((batch, heads, keys, dim)).astype(np.float32)
-    mask = None
-    if mask_shape is not None:
-        mask = np.where(rng.random(mask_shape) < 0.3, -1e9, 0.0).astype(np.float32)
-        mask[..., 0] = 0.0  # every query sees something
+    mask = np.where(rng.random(mask_shape) < 0.3, -1e9, 0.0).astype(np.float32)
+    mask[..., 0] = 0.0  # every query sees something
     scale = dim ** -0.5
-    args = [tensor(q), tensor(k), tensor(v), *([] if mask is None else [tensor(mask)]), Tensor([scale], ms.float32)]
-    if compiled:
-        op = compiled_attention_no_mask if mask is None else compiled_attention
-    else:
-        op = llava_kernels.ATTENTION_NO_MASK if mask is None else llava_kernels.ATTENTION
-    out = op(*args).asnumpy()
+    op = compiled_attention if compiled else llava_kernels.ATTENTION
+    out = op(tensor(q), tensor(k), tensor(v), tensor(mask), Tensor([scale], ms.float32)).asnumpy()
     np.testing.assert_allclose(out, reference_attention(q, k, v, mask, scale), rtol=1e-4, atol=1e-5)
 
 
@@ -251,6 +264,43 @@ def test_attention_decode(shape, path, compiled):
     expected = reference_attention(q, np.concatenate([k_cache, k], 2), np.concatenate([v_cache, v], 2), full_mask,
                                    scale)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], -1)
+
+
+@ms.jit
+def compiled_qkv_rotary(x, wq, wk, wv, positions, cos, sin):
+    return llava_kernels.QKV_ROTARY(x, wq, wk, wv, positions, cos, sin)
+
+
+@pytest.mark.parametrize("batch, length, heads, dim", [(1, 1, 4, 16), (3, 1, 2, 6), (2, 5, 3, 16), (1, 40, 2, 32)])
+@pytest.mark.parametrize("weight_type", ["float32", "float16"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["pynative", "graph"])
+def test_qkv_rotary(batch, length, heads, dim, weight_type, compiled):
+    """q, k, v [B, H, T, D] = the heads of x Wq^T, x Wk^T, x Wv^T; q and k rotated at each token's own position
+    (rows at different offsets, as batched decode has them); one token per row and several (40: the prompt path)."""
+    rng = np.random.default_rng([batch, length, heads, dim])
+    hidden = 48
+    x = rng.standard_normal((batch, length, hidden)).astype(np.float32)
+    weights = [(rng.standard_normal((heads * dim, hidden)) * 0.1).astype(weight_type) for _ in range(3)]
+    positions = (rng.integers(0, 50, (batch, 1)) + np.arange(length)).astype(np.int32)
+    angles = np.outer(np.arange(100), 1.0 / 10000 ** (np.arange(0, dim, 2) / dim))
+    cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
+    op = compiled_qkv_rotary if compiled else llava_kernels.QKV_ROTARY
+    out = op(tensor(x), *map(tensor, weights), tensor(positions), tensor(cos.astype(np.float32)),
+             tensor(sin.astype(np.float32))).asnumpy()
+    assert out.shape == (3, batch, heads, length, dim)
+    c, s = cos[positions][:, None], sin[positions][:, None]  # [B, 1, T, D]
+    for part, weight in enumerate(weights):
+        heads_of = (x.astype(np.float64) @ weight.astype(np.float64).T).reshape(batch, length, heads, dim)
+        expected = heads_of.transpose(0, 2, 1, 3)
+        if part < 2:
+            expected = expected * c + rotate_half(expected) * s
+        tolerance = 2 ** -7 if weight_type == "float16" and batch * length >= 32 else 1e-5  # bfloat16 prompts
+        np.testing.assert_allclose(out[part], expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
 
 
 def test_reset_undoes_configure():

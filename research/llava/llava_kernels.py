@@ -94,6 +94,11 @@ def _rows_of_table(table_shape, ids_shape):
     return list(ids_shape) + [table_shape[1]]
 
 
+def _qkv_heads(x_shape, weight_shape, _wk, _wv, _positions, table_shape, _sin):
+    batch, length, head_dim = x_shape[0], x_shape[1], table_shape[1]
+    return [3, batch, weight_shape[0] // head_dim, length, head_dim]
+
+
 def _float32(*_):
     return ms.float32
 
@@ -107,7 +112,8 @@ ACTIVATIONS = {None: 0, "quick_gelu": 1, "gelu": 2}  # the epilogue of LINEAR (k
 # Made at import: a compiled graph can hold an op, but cannot run the Python that would make it. All float32 out;
 # in PyNative and in compiled graphs. x float32 throughout; W float32, float16 or bfloat16 [N, K].
 if _LIB is None:
-    MATMUL = LINEAR = SWIGLU = LAYER_NORM = RMS_NORM = ATTENTION = ATTENTION_NO_MASK = ATTENTION_DECODE = EMBEDDING = None
+    MATMUL = LINEAR = SWIGLU = LAYER_NORM = RMS_NORM = ATTENTION = SELF_ATTENTION = ATTENTION_DECODE = None
+    EMBEDDING = QKV_ROTARY = None
 else:
     MATMUL = _op("LlavaMatmul", _rows_of_weight)            # (x [..., K], W) -> x @ W^T [..., N]
     LINEAR = _op("LlavaLinear", _rows_of_weight)            # (x, W, bias [N], ACTIVATIONS code int32 [1])
@@ -115,10 +121,13 @@ else:
     LAYER_NORM = _op("LlavaLayerNorm", _like_first)         # (x [..., C], weight, bias, eps [1])
     RMS_NORM = _op("LlavaRMSNorm", _like_first)             # (x [..., C], weight, eps [1])
     ATTENTION = _op("LlavaAttention", _like_first)          # (q [B,H,T,D], k, v [B,H,L,D], mask [B|1,H|1,T,L], scale [1])
-    ATTENTION_NO_MASK = _op("LlavaAttentionNoMask", _like_first)  # (q, k, v, scale [1])
+    # (q, k, v [B,T,H*D], heads int32 [1], scale [1]) -> [B,T,H*D]: every token sees every token, heads split inside
+    SELF_ATTENTION = _op("LlavaSelfAttention", _like_first)
     # (q, k_new, v_new [B,H,1,D], k_cache, v_cache [B,H,L,D], mask [B,1,1,L], scale [1]): one token after a cache
     ATTENTION_DECODE = _op("LlavaAttentionDecode", _like_first)
     EMBEDDING = _op("LlavaEmbedding", _rows_of_table)       # (table [V, D], ids int32 [...]) -> [..., D]
+    # (x [B,T,K], Wq, Wk, Wv [N,K], positions int32 [B,T], cos, sin [P,D]) -> [3,B,H,T,D]: q, k rotated, v
+    QKV_ROTARY = _op("LlavaQKVRotary", _qkv_heads)
 
 
 def available():

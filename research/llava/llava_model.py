@@ -205,6 +205,8 @@ def split_heads(x, num_heads):
 def merge_heads(x):
     """[B, H, T, D] -> [B, T, H*D]."""
     batch, heads, length, dim = x.shape
+    if length == 1:  # one token per row (decode): the same memory order, no transpose to dispatch
+        return x.reshape(batch, 1, heads * dim)
     return ops.transpose(x, (0, 2, 1, 3)).reshape(batch, length, heads * dim)
 
 
@@ -223,11 +225,9 @@ class Attention(nn.Cell):
     def construct(self, query, key, value, mask=None):
         """query [B,H,T,D], key/value [B,H,L,D], mask (0 or a large negative) [B or 1, 1, T, L] for the kernel,
         which broadcasts it, else [B,H,T,L] (full size: a broadcasting add costs more than the attention itself
-        on CPU)."""
+        on CPU) or None (MindSpore's ops only: the kernels' unmasked attention is CLIPSelfAttention's)."""
         if self.kernel:
             query, key, value = query.astype(ms.float32), key.astype(ms.float32), value.astype(ms.float32)
-            if mask is None:
-                return llava_kernels.ATTENTION_NO_MASK(query, key, value, self.scale_tensor)
             return llava_kernels.ATTENTION(query, key, value, mask, self.scale_tensor)
         scores = self.scores(query * self.scale, key).astype(ms.float32)  # scaling q: H*T*D, not H*T*L, products
         if mask is not None:
@@ -300,13 +300,20 @@ class CLIPSelfAttention(nn.Cell):
         self.v_proj = Linear("v_proj", hidden, hidden, precision=precision, tensor_parallel=tensor_parallel)
         self.out_proj = Linear("out_proj", hidden, hidden, precision=precision, tensor_parallel=tensor_parallel)
         self.attention = Attention(hidden // config.num_attention_heads, precision)
+        self.kernel = precision.kernels
+        self.heads = Tensor([self.num_heads], ms.int32)
 
     def construct(self, x):
         """x [N, 1+P, Hv] -> [N, 1+P, Hv]; every token sees every token."""
-        query = split_heads(self.q_proj(x), self.num_heads)
-        key = split_heads(self.k_proj(x), self.num_heads)
-        value = split_heads(self.v_proj(x), self.num_heads)
-        return self.out_proj(merge_heads(self.attention(query, key, value)))
+        if self.kernel:  # the heads split inside the kernel, by strides: no transposes
+            attended = llava_kernels.SELF_ATTENTION(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads,
+                                                    self.attention.scale_tensor)
+        else:
+            query = split_heads(self.q_proj(x), self.num_heads)
+            key = split_heads(self.k_proj(x), self.num_heads)
+            value = split_heads(self.v_proj(x), self.num_heads)
+            attended = merge_heads(self.attention(query, key, value))
+        return self.out_proj(attended)
 
 
 class CLIPEncoderLayer(nn.Cell):
@@ -459,16 +466,23 @@ class LlamaAttention(nn.Cell):
         self.v_proj = Linear("v_proj", hidden, hidden, **parallel)
         self.o_proj = Linear("o_proj", hidden, hidden, **parallel)
         self.attention = Attention(self.head_dim, precision)
+        self.kernel = precision.kernels
 
-    def construct(self, x, cos, sin, mask, cached_key=None, cached_value=None):
+    def construct(self, x, rotary, mask, cached_key=None, cached_value=None):
         """x [B, T, Ht] -> (output [B, T, Ht], this step's keys and values [B, H, T, D], for the KV cache).
 
+        rotary: (cos, sin) [B, H, T, D]; with the kernels (positions [B, T], cos table, sin table [P, D]).
         cached_key, cached_value [B, H, L, D] (decode, T = 1): attend to them (as far as the mask lets each row
         see) and to this token; without them (prompt, training) the T tokens attend to each other.
         """
-        query = apply_rotary(split_heads(self.q_proj(x), self.num_heads), cos, sin)
-        key = apply_rotary(split_heads(self.k_proj(x), self.num_heads), cos, sin)
-        value = split_heads(self.v_proj(x), self.num_heads)
+        if self.kernel:  # the three products, the rotary embedding and the head split in one op
+            qkv = llava_kernels.QKV_ROTARY(x.astype(ms.float32), self.q_proj.weight, self.k_proj.weight,
+                                           self.v_proj.weight, rotary[0], rotary[1], rotary[2])
+            query, key, value = qkv[0], qkv[1], qkv[2]
+        else:
+            query = apply_rotary(split_heads(self.q_proj(x), self.num_heads), rotary[0], rotary[1])
+            key = apply_rotary(split_heads(self.k_proj(x), self.num_heads), rotary[0], rotary[1])
+            value = split_heads(self.v_proj(x), self.num_heads)
         if cached_key is None:
             attended = self.attention(query, key, value, mask)
         else:
@@ -508,8 +522,8 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision)
         self.mlp = LlamaMLP(config, precision, tensor_parallel)
 
-    def construct(self, x, cos, sin, mask, cached_key=None, cached_value=None):
-        attended, key, value = self.self_attn(self.input_layernorm(x), cos, sin, mask, cached_key, cached_value)
+    def construct(self, x, rotary, mask, cached_key=None, cached_value=None):
+        attended, key, value = self.self_attn(self.input_layernorm(x), rotary, mask, cached_key, cached_value)
         x = x + attended.astype(ms.float32)
         return x + self.mlp(self.post_attention_layernorm(x)).astype(ms.float32), key, value
 
@@ -523,7 +537,7 @@ class LlamaModel(nn.Cell):
         self.layers = nn.CellList([LlamaDecoderLayer(config, precision, tensor_parallel)
                                    for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision)
-        self.broadcast_mask = not precision.kernels  # the attention kernel broadcasts the mask itself
+        self.kernel = precision.kernels
         self.num_heads = shard_size(config.num_heads, tensor_parallel.size, "text attention heads")  # this rank's
         self.kv_cache = KVCache(config.num_layers, self.num_heads, config.head_dim, precision.compute, max_positions)
         self.cos, self.sin = rotary_tables(config.head_dim, max_positions, config.rope_theta)
@@ -538,16 +552,18 @@ class LlamaModel(nn.Cell):
         # Broadcasting elementwise ops are many times slower than same-shape ones on CPU (bench/RESULTS.md), so
         # the rotary tables, and the mask for MindSpore's attention, are tiled to every head once here.
         batch, heads = hidden.shape[0], self.num_heads
-        cos = ops.tile(self.gather(self.cos, positions, 0).expand_dims(1), (1, heads, 1, 1))  # [B, H, T, D]
-        sin = ops.tile(self.gather(self.sin, positions, 0).expand_dims(1), (1, heads, 1, 1))
-        if self.broadcast_mask:
+        if self.kernel:  # the kernels look the tables up and broadcast the mask themselves
+            rotary = (positions, self.cos, self.sin)
+        else:
+            rotary = (ops.tile(self.gather(self.cos, positions, 0).expand_dims(1), (1, heads, 1, 1)),  # [B,H,T,D]
+                      ops.tile(self.gather(self.sin, positions, 0).expand_dims(1), (1, heads, 1, 1)))
             mask = ops.tile(mask, (batch // mask.shape[0], heads, 1, 1))  # [B, H, T, L]
         keys, values = (), ()
         for index, layer in enumerate(self.layers):
             if cached_keys is None:
-                hidden, key, value = layer(hidden, cos, sin, mask)
+                hidden, key, value = layer(hidden, rotary, mask)
             else:
-                hidden, key, value = layer(hidden, cos, sin, mask, cached_keys[index], cached_values[index])
+                hidden, key, value = layer(hidden, rotary, mask, cached_keys[index], cached_values[index])
             keys, values = keys + (key,), values + (value,)
         return self.norm(hidden), keys, values
 

@@ -144,10 +144,11 @@ class ModelRunner:
         run = self.prefill_step.compiled if self.compile_prefill else self.prefill_step.eager
         logits, keys, values = run(Tensor(text_ids), image_features, Tensor(merge_index), Tensor(positions),
                                    causal_mask(padded_length), Tensor(last_index))
+        logits = logits.asnumpy()  # before the cache writes, as in `decode`
         if use_cache:
             self.cache.write(self.cache.write_index(np.arange(batch) if rows is None else rows, positions), keys,
                              values)
-        return logits.asnumpy()
+        return logits
 
     def decode(self, tokens, positions):
         """One compiled step over the first len(tokens) cache rows: tokens [n] at positions [n] (each row's own)
@@ -161,5 +162,8 @@ class ModelRunner:
         logits, keys, values = self.decode_step.compiled(token_ids, Tensor(positions),
                                                          self.cache.decode_mask(positions), ms.mutable(cached_keys),
                                                          ms.mutable(cached_values))
+        # Wait for the step before queueing the cache writes: queued behind a running graph, MindSpore's op
+        # launcher competes with it for the cores (a decode step ~1.5x slower; bench/RESULTS.md).
+        logits = logits.asnumpy()
         self.cache.write(self.cache.write_index(np.arange(rows), positions), keys, values)
-        return logits.asnumpy()
+        return logits

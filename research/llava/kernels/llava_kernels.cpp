@@ -340,6 +340,12 @@ T512 static void tile_512(const float* x, const Elem<WT>* w, int64_t K, float* y
     __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
     __m512 xv[MR];
     for (int m = 0; m < MR; m++) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+    // 16-bit W: the NR rows are NR short streams (2 KB each for K = 1024) that the hardware prefetchers pick up
+    // too late; fetching 2 KB ahead in each took a decode step from DRAM-cold weights ~25% faster. float32 W
+    // ran slower with it (bench/RESULTS.md, kernels).
+    if constexpr (WT != WT_F32)
+      if ((k & 31) == 0)
+        for (int r = 0; r < NR; r++) _mm_prefetch((const char*)(w + r * K + k) + 2048, _MM_HINT_T0);
     for (int r = 0; r < NR; r++) {
       __m512 wv = load16<WT>(w + r * K + k, mask);
       for (int m = 0; m < MR; m++) acc[m][r] = _mm512_fmadd_ps(xv[m], wv, acc[m][r]);
@@ -858,63 +864,69 @@ static void softmax_row_any(float* s, const float* mask, int64_t L, float scale)
   for (int64_t l = 0; l < L; l++) s[l] /= total;
 }
 
-// out = softmax(q k^T * scale + mask) v for q [B,H,T,D], k, v [B,H,L,D], mask [Bm,Hm,T,L] (Bm 1 or B, Hm 1 or H;
-// null: none), out [B,H,T,D], all float32. Heads go in groups whose scores fit in 64 MB.
+// out = softmax(q k^T * scale + mask) v, float32, for q [B,H,T,D], k, v [B,H,L,D], out [B,H,T,D]; or, with
+// `tokens_major`, q, out [B,T,H,D] and k, v [B,L,H,D] (the heads split by strides, as the projections write them:
+// the vision tower's three transposes in and one out cost it a fifth of its time, bench/RESULTS.md). mask
+// [Bm,Hm,T,L] (Bm 1 or B, Hm 1 or H; null: none). Heads of one row go in groups whose scores fit in 64 MB.
 static void attention(const float* q, const float* k, const float* v, const float* mask, int64_t Bm, int64_t Hm,
-                      float scale, float* out, int64_t B, int64_t H, int64_t T, int64_t L, int64_t D) {
-  int64_t heads = B * H, group = std::max<int64_t>(1, std::min<int64_t>(heads, (16 << 20) / std::max<int64_t>(1, T * L)));
+                      float scale, float* out, int64_t B, int64_t H, int64_t T, int64_t L, int64_t D,
+                      bool tokens_major) {
+  int64_t group = std::max<int64_t>(1, std::min<int64_t>(H, (16 << 20) / std::max<int64_t>(1, T * L)));
   static thread_local std::vector<float> scores;
   scores.resize(std::max(scores.size(), (size_t)(group * T * L)));
   bool have_onednn = onednn::available();
-  for (int64_t first = 0; first < heads; first += group) {
-    int64_t n = std::min(group, heads - first);
-    const float *qh = q + first * T * D, *kh = k + first * L * D, *vh = v + first * L * D;
-    float* s = scores.data();
-    int64_t sq[3] = {T * D, D, 1}, skt[3] = {L * D, 1, D}, ss[3] = {T * L, L, 1}, sv[3] = {L * D, D, 1};
-    int status = -1;
-    if (have_onednn) {
-      std::lock_guard<std::mutex> lock(onednn::mutex);
-      status = onednn::batched(n, T, L, D, qh, sq, kh, skt, s, ss);
-    }
-    if (status) {  // without oneDNN: plain loops
-      parallel_for((int)n, [&](int i) {
-        for (int64_t t = 0; t < T; t++)
-          for (int64_t l = 0; l < L; l++) {
-            float sum = 0.f;
-            for (int64_t d = 0; d < D; d++) sum += qh[(i * T + t) * D + d] * kh[(i * L + l) * D + d];
-            s[(i * T + t) * L + l] = sum;
-          }
-      });
-    }
-    parallel_blocks(n * T, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, L)), [&](int64_t a, int64_t b) {
-      for (int64_t r = a; r < b; r++) {
-        int64_t head = first + r / T, t = r % T;
-        const float* mask_row = nullptr;
-        if (mask) {
-          int64_t mb = Bm == 1 ? 0 : head / H, mh = Hm == 1 ? 0 : head % H;
-          mask_row = mask + ((mb * Hm + mh) * T + t) * L;
-        }
-        if (g.cpu.avx512) softmax_row_512(s + r * L, mask_row, L, scale);
-        else softmax_row_any(s + r * L, mask_row, L, scale);
+  // Element strides over (head, row, column) of q/out and of k/v, and offsets of head h of batch row b.
+  int64_t head_q = tokens_major ? D : T * D, row_q = tokens_major ? H * D : D;
+  int64_t head_k = tokens_major ? D : L * D, row_k = tokens_major ? H * D : D;
+  auto q_at = [&](int64_t b, int64_t h) { return tokens_major ? (b * T * H + h) * D : (b * H + h) * T * D; };
+  auto k_at = [&](int64_t b, int64_t h) { return tokens_major ? (b * L * H + h) * D : (b * H + h) * L * D; };
+  int64_t sq[3] = {head_q, row_q, 1}, skt[3] = {head_k, 1, row_k}, ss[3] = {T * L, L, 1}, sv[3] = {head_k, row_k, 1};
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t first = 0; first < H; first += group) {
+      int64_t n = std::min(group, H - first);
+      const float *qh = q + q_at(b, first), *kh = k + k_at(b, first), *vh = v + k_at(b, first);
+      float* oh = out + q_at(b, first);
+      float* s = scores.data();
+      int status = -1;
+      if (have_onednn) {
+        std::lock_guard<std::mutex> lock(onednn::mutex);
+        status = onednn::batched(n, T, L, D, qh, sq, kh, skt, s, ss);
       }
-    });
-    float* oh = out + first * T * D;
-    status = -1;
-    if (have_onednn) {
-      std::lock_guard<std::mutex> lock(onednn::mutex);
-      status = onednn::batched(n, T, D, L, s, ss, vh, sv, oh, sq);
-    }
-    if (status) {
-      parallel_for((int)n, [&](int i) {
-        for (int64_t t = 0; t < T; t++)
-          for (int64_t d = 0; d < D; d++) {
-            float sum = 0.f;
-            for (int64_t l = 0; l < L; l++) sum += s[(i * T + t) * L + l] * vh[(i * L + l) * D + d];
-            oh[(i * T + t) * D + d] = sum;
-          }
+      if (status) {  // without oneDNN: plain loops
+        parallel_for((int)n, [&](int i) {
+          for (int64_t t = 0; t < T; t++)
+            for (int64_t l = 0; l < L; l++) {
+              float sum = 0.f;
+              for (int64_t d = 0; d < D; d++) sum += qh[i * head_q + t * row_q + d] * kh[i * head_k + l * row_k + d];
+              s[(i * T + t) * L + l] = sum;
+            }
+        });
+      }
+      parallel_blocks(n * T, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, L)), [&](int64_t a, int64_t e) {
+        for (int64_t r = a; r < e; r++) {
+          int64_t h = first + r / T, t = r % T;
+          const float* mask_row = nullptr;
+          if (mask) mask_row = mask + (((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * T + t) * L;
+          if (g.cpu.avx512) softmax_row_512(s + r * L, mask_row, L, scale);
+          else softmax_row_any(s + r * L, mask_row, L, scale);
+        }
       });
+      status = -1;
+      if (have_onednn) {
+        std::lock_guard<std::mutex> lock(onednn::mutex);
+        status = onednn::batched(n, T, D, L, s, ss, vh, sv, oh, sq);
+      }
+      if (status) {
+        parallel_for((int)n, [&](int i) {
+          for (int64_t t = 0; t < T; t++)
+            for (int64_t d = 0; d < D; d++) {
+              float sum = 0.f;
+              for (int64_t l = 0; l < L; l++) sum += s[(i * T + t) * L + l] * vh[i * head_k + l * row_k + d];
+              oh[i * head_q + t * row_q + d] = sum;
+            }
+        });
+      }
     }
-  }
 }
 
 // A decode step's attention: one new token per row after the rows' KV cache, each (row, head) a pass over its
@@ -1067,25 +1079,28 @@ LLAVA_OP(LlavaRMSNorm) {
 }
 
 // softmax(q k^T * scale + mask) v: q float32 [B, H, T, D], k, v [B, H, L, D], mask [B or 1, H or 1, T, L],
-// scale [1] -> out [B, H, T, D]. LlavaAttentionNoMask: the same without the mask input.
-static int attention_op(void** params, int* ndims, int64_t** shapes, const float* mask, const int64_t* mask_shape,
-                        const float* scale, float* out) {
-  if (ndims[0] != 4 || ndims[1] != 4) return 1;
+// scale [1] -> out [B, H, T, D].
+LLAVA_OP(LlavaAttention) {
+  if (nparam != 6 || ndims[0] != 4 || ndims[1] != 4 || ndims[3] != 4) return 1;
   ensure_init();
   const int64_t *qs = shapes[0], *ks = shapes[1];
-  attention((const float*)params[0], (const float*)params[1], (const float*)params[2], mask,
-            mask_shape ? mask_shape[0] : 1, mask_shape ? mask_shape[1] : 1, *scale, out, qs[0], qs[1], qs[2], ks[2],
-            qs[3]);
+  attention((const float*)params[0], (const float*)params[1], (const float*)params[2], (const float*)params[3],
+            shapes[3][0], shapes[3][1], *(const float*)params[4], (float*)params[5], qs[0], qs[1], qs[2], ks[2], qs[3],
+            false);
   return 0;
 }
-LLAVA_OP(LlavaAttention) {
-  if (nparam != 6 || ndims[3] != 4) return 1;
-  return attention_op(params, ndims, shapes, (const float*)params[3], shapes[3], (const float*)params[4],
-                      (float*)params[5]);
-}
-LLAVA_OP(LlavaAttentionNoMask) {
-  if (nparam != 5) return 1;
-  return attention_op(params, ndims, shapes, nullptr, nullptr, (const float*)params[3], (float*)params[4]);
+
+// Every token sees every token, heads split by strides: q, k, v float32 [B, T, H*D], heads int32 [1], scale [1]
+// -> out [B, T, H*D].
+LLAVA_OP(LlavaSelfAttention) {
+  if (nparam != 6 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || strcmp(dtypes[3], "int32")) return 1;
+  const int64_t *qs = shapes[0];
+  int64_t H = *(const int32_t*)params[3];
+  if (H <= 0 || qs[2] % H || shapes[1][2] != qs[2] || shapes[1][1] != qs[1]) return 2;
+  ensure_init();
+  attention((const float*)params[0], (const float*)params[1], (const float*)params[2], nullptr, 1, 1,
+            *(const float*)params[4], (float*)params[5], qs[0], H, qs[1], qs[1], qs[2] / H, true);
+  return 0;
 }
 
 // attention_decode: q, k_new, v_new float32 [B, H, 1, D], k_cache, v_cache [B, H, L, D], mask [B, 1, 1, L],
@@ -1099,6 +1114,58 @@ LLAVA_OP(LlavaAttentionDecode) {
   attention_decode((const float*)params[0], (const float*)params[1], (const float*)params[2], (const float*)params[3],
                    (const float*)params[4], (const float*)params[5], *(const float*)params[6], (float*)params[7],
                    qs[0], qs[1], cs[2], qs[3]);
+  return 0;
+}
+
+// A decoder layer's three input projections with the rotary embedding, in the [B, H, T, D] layout attention
+// takes: x float32 [B, T, K]; Wq, Wk, Wv [N, K] of one dtype (N = heads * D); positions int32 [B, T]; cos, sin
+// float32 [P, D] (HF's tables: the D/2 frequencies twice) -> out float32 [3, B, H, T, D] (q and k rotated, v as
+// is). One op where MindSpore's would be three products, six reshapes and transposes and fourteen rotary ops:
+// each op of a decode step costs its dispatch, more than its arithmetic (bench/RESULTS.md).
+static void rotate_row(float* v, const float* c, const float* s, int64_t D) {  // v*cos + (-v2, v1)*sin, in place
+  int64_t half = D / 2;
+  for (int64_t i = 0; i < half; i++) {
+    float a = v[i], b = v[i + half];
+    v[i] = a * c[i] - b * s[i];
+    v[i + half] = b * c[i + half] + a * s[i + half];
+  }
+}
+LLAVA_OP(LlavaQKVRotary) {
+  int wt = weight_type(dtypes[1]);
+  if (nparam != 8 || wt < 0 || strcmp(dtypes[2], dtypes[1]) || strcmp(dtypes[3], dtypes[1]) ||
+      strcmp(dtypes[0], "float32") || strcmp(dtypes[4], "int32") || strcmp(dtypes[5], "float32") ||
+      strcmp(dtypes[6], "float32") || ndims[0] != 3 || ndims[4] != 2 || ndims[5] != 2)
+    return 1;
+  const int64_t B = shapes[0][0], T = shapes[0][1], K = shapes[0][2], N = shapes[1][0];
+  const int64_t P = shapes[5][0], D = shapes[5][1], H = D > 0 ? N / D : 0, M = B * T;
+  if (D <= 0 || D % 2 || H * D != N || shapes[2][0] != N || shapes[3][0] != N || shapes[4][0] != B ||
+      shapes[4][1] != T)
+    return 2;
+  const int32_t* positions = (const int32_t*)params[4];
+  const float *cos = (const float*)params[5], *sin = (const float*)params[6];
+  float* out = (float*)params[7];
+  // One token per row (a decode step): [B, 1, N] is already [B, H, 1, D], so the products land in place.
+  static thread_local std::vector<float> scratch;
+  float* y = out;
+  if (T > 1) {
+    scratch.resize(std::max(scratch.size(), (size_t)(3 * M * N)));
+    y = scratch.data();
+  }
+  for (int part = 0; part < 3; part++) {
+    int status = dispatch((const float*)params[0], params[1 + part], wt, y + part * M * N, M, N, K);
+    if (status) return status;
+  }
+  parallel_blocks(3 * M, 64, [&](int64_t a, int64_t b) {  // rows (part, b, t) of y
+    for (int64_t r = a; r < b; r++) {
+      int64_t part = r / M, row = r % M, batch = row / T, t = row % T;
+      int64_t p = std::min<int64_t>(std::max<int32_t>(positions[row], 0), P - 1);
+      for (int64_t h = 0; h < H; h++) {
+        float* dst = out + (((part * B + batch) * H + h) * T + t) * D;
+        if (T > 1) memcpy(dst, y + r * N + h * D, sizeof(float) * D);
+        if (part < 2) rotate_row(dst, cos + p * D, sin + p * D, D);
+      }
+    }
+  });
   return 0;
 }
 
