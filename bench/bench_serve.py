@@ -55,6 +55,7 @@ def write_yaml(work_dir):
     with open(YAML_7B, encoding="utf-8") as f:
         config = yaml.safe_load(f)
     config["model"]["model_config"]["seq_length"] = CONTEXT
+    config["processor"]["max_length"] = CONTEXT  # the YAML ties the two with an alias, which loading resolves
     config["processor"]["tokenizer"]["vocab_file"] = common.TOKENIZER
     path = os.path.join(work_dir, "serve_bench.yaml")
     with open(path, "w", encoding="utf-8") as f:

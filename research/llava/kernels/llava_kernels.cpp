@@ -1120,8 +1120,8 @@ LLAVA_OP(LlavaAttentionDecode) {
 // A decoder layer's three input projections with the rotary embedding, in the [B, H, T, D] layout attention
 // takes: x float32 [B, T, K]; Wq, Wk, Wv [N, K] of one dtype (N = heads * D); positions int32 [B, T]; cos, sin
 // float32 [P, D] (HF's tables: the D/2 frequencies twice) -> out float32 [3, B, H, T, D] (q and k rotated, v as
-// is). One op where MindSpore's would be three products, six reshapes and transposes and fourteen rotary ops:
-// each op of a decode step costs its dispatch, more than its arithmetic (bench/RESULTS.md).
+// is). One op and one pass over the products where MindSpore's ops would be three products, three head splits
+// (transposes) and fourteen elementwise rotary ops, each a pass over memory and a dispatch.
 static void rotate_row(float* v, const float* c, const float* s, int64_t D) {  // v*cos + (-v2, v1)*sin, in place
   int64_t half = D / 2;
   for (int64_t i = 0; i < half; i++) {
