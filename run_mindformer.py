@@ -428,8 +428,6 @@ def main(argv=None):
         if run_mode == "chat":
             run_chat(config, log, sys.stdin, sys.stdout, explicit_keys(args))
             return 0
-        if run_mode != "predict":
-            raise ValueError(f"run_mode {run_mode!r} is not supported; use predict, finetune or chat")
         examples = predict_examples(args.predict_data, args.modal_type)
         run_predict(config, examples, log, explicit_keys(args))
     except KeyboardInterrupt as interrupt:

@@ -68,21 +68,20 @@ def run_hf(folder, runs):
 
 
 def run_ours(folder, runs, work_dir):
+    """run_mindformer.py's own loading path: the YAML checked, the folder's sizes, the CPU plan, the weights."""
+    import logging  # pylint: disable=import-outside-toplevel
     from llava_runtime import quiet_logs  # pylint: disable=import-outside-toplevel
     quiet_logs(work_dir)
-    from mindformers.tools.register import MindFormerConfig  # pylint: disable=import-outside-toplevel
-    from llava_runtime import build_components, follow_checkpoint, plan_cpu, set_up_context  # noqa: E501 pylint: disable=import-outside-toplevel
-    from llava_weights import load_weights  # pylint: disable=import-outside-toplevel
+    import run_mindformer  # pylint: disable=import-outside-toplevel
+    from llava_run_config import load_run_config  # pylint: disable=import-outside-toplevel
 
-    os.environ["REGISTER_PATH"] = common.PLUGIN
-    config = MindFormerConfig(YAML_7B)
-    config.load_checkpoint = folder
-    config.context.device_target = "CPU"
-    follow_checkpoint(config)
-    plan, _ = plan_cpu(config)
-    set_up_context("CPU", mode=1, threads=common.THREADS)
-    model, _, processor = build_components(config)
-    load_weights(model, folder)
+    run_mindformer.register_plugin(common.PLUGIN)
+    config = load_run_config(YAML_7B, flags={"load_checkpoint": folder, "context.device_target": "CPU",
+                                             "output_dir": work_dir})
+    _, notes = run_mindformer.start_run(config)
+    plan = notes[-1][1]  # on CPU the last note is the plan's line
+    _, processor = run_mindformer.build_processor(config)
+    model = run_mindformer.build_model(config, logging.getLogger("bench"), notes)
     ids, pixels = prompt_inputs(processor)
 
     def generate(streamer):  # eos -1: exactly NEW_TOKENS tokens, as HF's min_new_tokens does

@@ -385,7 +385,8 @@ class Engine:
         """Sample row `index`'s next token from its logits [V], stream it, and finish the row if it is done."""
         sequence = self.rows[index]
         request, settings = sequence.request, sequence.request.settings
-        token = sample(penalize_repetition(logits.copy(), sequence.history, settings.repetition_penalty), settings,
+        # `logits` is this row of a step's fresh array, read once: penalized in place.
+        token = sample(penalize_repetition(logits, sequence.history, settings.repetition_penalty), settings,
                        sequence.rng)
         sequence.history.append(token)
         sequence.generated += 1

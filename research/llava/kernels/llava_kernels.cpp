@@ -1134,12 +1134,12 @@ LLAVA_OP(LlavaQKVRotary) {
   int wt = weight_type(dtypes[1]);
   if (nparam != 8 || wt < 0 || strcmp(dtypes[2], dtypes[1]) || strcmp(dtypes[3], dtypes[1]) ||
       strcmp(dtypes[0], "float32") || strcmp(dtypes[4], "int32") || strcmp(dtypes[5], "float32") ||
-      strcmp(dtypes[6], "float32") || ndims[0] != 3 || ndims[4] != 2 || ndims[5] != 2)
+      strcmp(dtypes[6], "float32") || ndims[0] != 3 || ndims[4] != 2 || ndims[5] != 2 || ndims[6] != 2)
     return 1;
   const int64_t B = shapes[0][0], T = shapes[0][1], K = shapes[0][2], N = shapes[1][0];
   const int64_t P = shapes[5][0], D = shapes[5][1], H = D > 0 ? N / D : 0, M = B * T;
   if (D <= 0 || D % 2 || H * D != N || shapes[2][0] != N || shapes[3][0] != N || shapes[4][0] != B ||
-      shapes[4][1] != T)
+      shapes[4][1] != T || shapes[6][0] != P || shapes[6][1] != D)
     return 2;
   const int32_t* positions = (const int32_t*)params[4];
   const float *cos = (const float*)params[5], *sin = (const float*)params[6];
