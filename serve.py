@@ -3,10 +3,11 @@ requests of every client batched into the same generation steps.
 
     python serve.py --config demo/llava_tiny/predict_llava_tiny.yaml --register_path research/llava \
         --load_checkpoint demo/llava_tiny/llava_tiny.ckpt [--host 127.0.0.1] [--port 8000] [--max-batch-size 8] \
-        [--allowed-local-media-path DIR] [--image-cache-mb 512]
+        [--allowed-local-media-path DIR] [--image-cache-mb 512] [--prefix-cache-mb 1024]
 
 Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health (200 once the model is loaded and compiled,
-503 before), GET /metrics (batching and image-cache counters, JSON), GET / (the chat page, web/chat.html).
+503 before), GET /metrics (batching, image-cache and prefix-cache counters, JSON), GET / (the chat page,
+web/chat.html).
 
 This file is the HTTP side only: OpenAI's request and response shapes, images from URLs, server-sent events.
 The model runs in one thread of its own, in research/llava/llava_serving.py's Engine; requests reach it
@@ -52,11 +53,15 @@ def parse_args(argv=None):
                         help="allow file:// image URLs under DIR (default: no local files)")
     parser.add_argument("--image-cache-mb", type=float, default=None,
                         help="memory for the features of recently seen images, MiB (default 512)")
+    parser.add_argument("--prefix-cache-mb", type=float, default=None,
+                        help="memory for the keys/values of recent prompts through their last image, which "
+                             "questions about the same pictures continue, MiB (default 1024)")
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
         parser.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
-    if args.image_cache_mb is not None and args.image_cache_mb < 0:
-        parser.error(f"--image-cache-mb must be >= 0, got {args.image_cache_mb}")
+    for flag in ("image_cache_mb", "prefix_cache_mb"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.allowed_local_media_path is not None and not os.path.isdir(args.allowed_local_media_path):
         parser.error(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a directory")
     return args
@@ -263,13 +268,16 @@ class ModelService:
 
     def _run(self):
         from run_mindformer import explicit_keys, load_model
-        from llava_serving import DEFAULT_IMAGE_CACHE_BYTES, Engine
+        from llava_serving import DEFAULT_IMAGE_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES, Engine
+
+        def mebibytes(value, default):
+            return default if value is None else int(value * (1 << 20))
 
         try:
             model, tokenizer, self.processor, _ = load_model(self.config, log, explicit_keys(self.args))
-            cache_bytes = DEFAULT_IMAGE_CACHE_BYTES if self.args.image_cache_mb is None else \
-                int(self.args.image_cache_mb * (1 << 20))
-            engine = Engine(model, tokenizer, self.args.max_batch_size, cache_bytes)
+            engine = Engine(model, tokenizer, self.args.max_batch_size,
+                            mebibytes(self.args.image_cache_mb, DEFAULT_IMAGE_CACHE_BYTES),
+                            mebibytes(self.args.prefix_cache_mb, DEFAULT_PREFIX_CACHE_BYTES))
             self.context = model.config.seq_length
             self.model_config = model.config
             self.max_images = (self.context - 1) // model.num_image_features

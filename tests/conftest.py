@@ -52,8 +52,8 @@ def free_port():
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory):
     """serve.py with the bundled tiny model on 127.0.0.1 (a free port), as a user starts it: 4 cache rows (16
-    clients must queue), an image cache of 30 KB (six of the tiny model's pictures: eviction is reachable),
-    local files allowed under a media directory. Yields {"url", "media", "log"}; stopped with Ctrl-C (SIGINT)
+    clients must queue), an image cache of 30 KB (six of the tiny model's pictures) and a prefix cache of 200 KB
+    (five prompts through a picture): eviction is reachable; local files allowed under a media directory. Yields {"url", "media", "log"}; stopped with Ctrl-C (SIGINT)
     at the end, which must exit 0."""
     import signal
     import subprocess
@@ -70,6 +70,7 @@ def live_server(tmp_path_factory):
             [sys.executable, os.path.join(REPO, "serve.py"), "--config", os.path.join(TINY, "predict_llava_tiny.yaml"),
              "--register_path", PLUGIN, "--load_checkpoint", os.path.join(TINY, "llava_tiny.ckpt"),
              "--port", str(port), "--max-batch-size", "4", "--image-cache-mb", "0.03",
+             "--prefix-cache-mb", "0.2",
              "--allowed-local-media-path", str(media), "--output_dir", str(root / "output"), "--verbose",
              "--options", f"processor.tokenizer.vocab_file={os.path.join(TINY, 'tokenizer.model')}"],
             cwd=str(root), stdout=log, stderr=subprocess.STDOUT)

@@ -272,7 +272,7 @@ def test_float16_compute_and_parameters_stay_close_to_float32(tmp_path_factory):
 
 # ------------------------------------------------------------------------------ 16-bit weights, CPU kernels
 # The CPU default for a 16-bit checkpoint: weights kept at 16 bits, every product through llava-ms's kernels with
-# float32 activations, except that prompts (32+ rows) round activations to bfloat16 for the AMX / AVX512-BF16
+# float32 activations, except that prompts (8+ rows) round activations to bfloat16 for the AMX / AVX512-BF16
 # matmul where the CPU has it, as torch's bfloat16 does. The reference is HF fp32 holding the same rounded
 # values, so what differs is our arithmetic alone.
 HALF_TOLERANCE = 0.03  # of the largest |logit|; bfloat16 activations give 1-2% here, HF bf16 itself 2.5-6.5%
@@ -304,12 +304,13 @@ def test_half_precision_weights_stay_16_bit_through_the_kernels(half_pair):
     dtype = model.lm_head.weight.dtype
     assert dtype in (ms.float16, ms.bfloat16) and model.language_model.layers[0].mlp.down_proj.weight.dtype == dtype
     assert model.lm_head.matmul is llava_kernels.MATMUL and model.language_model.norm.weight.dtype == ms.float32
+    assert model.language_model.kv_cache.dtype == ms.float16  # widened by the decode attention kernel
 
 
 def test_half_precision_prompt_logits_within_tolerance_and_closer_than_hf_bf16(half_pair):
     hf_model, hf_bf16, model = half_pair
     rng = np.random.default_rng(5)
-    ids = random_prompt(rng, model.num_image_features, 20, 30)  # 32+ rows: the prompt path
+    ids = random_prompt(rng, model.num_image_features, 20, 30)  # 8+ rows: the prompt path
     pixels = random_image(rng, hf_model)
     reference = hf_logits(hf_model, ids, pixels)
     ours = model(ms.Tensor(np.array([ids], np.int32)), ms.Tensor(pixels)).asnumpy()[0]
@@ -354,12 +355,15 @@ def test_weights_loaded_after_a_generate_are_used(tmp_path_factory):
         hf_greedy(second, ids, pixels, 12)
 
 
-def test_kv_cache_rounds_up_keeps_a_large_enough_cache_and_caps_at_the_context():
+@pytest.mark.parametrize("host", [True, False], ids=["host", "device"])
+def test_kv_cache_rounds_up_keeps_a_large_enough_cache_and_caps_at_the_context(host):
+    """Both storages (numpy arrays, CPU's default; flat tensors, elsewhere's) on CPU: sizes, writes that land
+    in the views the decode step reads, prefixes copied into rows and read back, the decode mask."""
     from llava_model import KVCache
-    cache = KVCache(num_layers=2, num_heads=3, head_dim=4, dtype=ms.float32, max_length=600)
+    cache = KVCache(num_layers=2, num_heads=3, head_dim=4, dtype=ms.float32, max_length=600, host=host)
+    assert KVCache(2, 3, 4, ms.float32, 600).host  # the CPU default
     cache.allocate(2, 10)
     assert (cache.batch, cache.length, cache.version) == (2, KVCache.BLOCK, 1)
-    assert [tuple(k.shape) for k in cache.keys] == [(2 * 3 * KVCache.BLOCK, 4)] * 2
     assert [tuple(k.shape) for k in cache.views(1)[0]] == [(1, 3, KVCache.BLOCK, 4)] * 2
     cache.allocate(2, 200)  # fits: no new tensors, so no recompile of the steps that hold them
     assert cache.version == 1
@@ -371,15 +375,64 @@ def test_kv_cache_rounds_up_keeps_a_large_enough_cache_and_caps_at_the_context()
     assert (cache.batch, cache.version) == (3, 4)
     with pytest.raises(ValueError, match="601 tokens do not fit the context seq_length=600"):
         cache.allocate(1, 601)
-    index = cache.write_index([2, 0], np.array([[5, 6], [7, 8]])).asnumpy().reshape(2, 3, 2)
-    length = cache.length
-    assert index[0, 1, 1] == (2 * 3 + 1) * length + 6 and index[1, 2, 0] == (0 * 3 + 2) * length + 7
-    # A write lands in the views the decode step reads: row 2, head 1, position 6.
-    keys = [ms.Tensor(np.arange(2 * 3 * 2 * 4, dtype=np.float32).reshape(2, 3, 2, 4))] * 2
-    cache.write(cache.write_index([2, 0], np.array([[5, 6], [7, 8]])), keys, keys)
-    view = cache.views(3)[0][1].asnumpy()
-    assert view[2, 1, 6].tolist() == keys[0].asnumpy()[0, 1, 1].tolist() and view[0, 2, 7].tolist() == \
-        keys[0].asnumpy()[1, 2, 0].tolist()
+    # Writes land in the views the decode step reads: row 2 at positions 5, 6; row 0 at 7, 8; then one
+    # position per row (a decode step's write).
+    keys = ms.Tensor(np.arange(2 * 3 * 2 * 4, dtype=np.float32).reshape(2, 3, 2, 4))
+    cache.write([2, 0], [5, 7], (keys, keys), (keys, -keys))
+    step = ms.Tensor(np.full((2, 3, 1, 4), 9.0, np.float32))
+    cache.write([1, 2], [3, 7], (step, step), (step, step))
+    view_keys, view_values = (views[1].asnumpy() for views in cache.views(3))
+    expected = np.zeros((3, 3, cache.length, 4), np.float32)
+    expected[2, :, 5:7], expected[0, :, 7:9] = keys.asnumpy()[0], keys.asnumpy()[1]
+    expected[1, :, 3], expected[2, :, 7] = 9.0, 9.0
+    assert (view_keys == expected).all()
+    assert (view_values[0, :, 7:9] == -keys.asnumpy()[1]).all()
+    # A prefix read from a row and written into two others.
+    prefix_keys, prefix_values = cache.read(2, 8)
+    assert prefix_keys[0].shape == (1, 3, 8, 4) and (prefix_keys[1].asnumpy()[0] == expected[2, :, :8]).all()
+    one = step[:1]
+    cache.write([2], [0], (one, one), (one, one))  # the row changes; the prefix read before does not
+    assert (prefix_keys[1].asnumpy()[0] == expected[2, :, :8]).all()
+    cache.write_prefix([0, 1], prefix_keys, prefix_values)
+    view_keys = cache.views(3)[0][0].asnumpy()
+    assert (view_keys[0, :, :8] == expected[2, :, :8]).all() and (view_keys[1, :, :8] == expected[2, :, :8]).all()
     mask = cache.decode_mask(np.array([[0], [3]])).asnumpy()  # a row at position p sees 0..p-1 in the cache
-    assert mask.shape == (2, 1, 1, length) and (mask[0] < -1e8).all()
+    assert mask.shape == (2, 1, 1, cache.length) and (mask[0] < -1e8).all()
     assert (mask[1, 0, 0, :3] == 0).all() and (mask[1, 0, 0, 3:] < -1e8).all()
+
+
+def test_prompts_continuing_a_cached_prefix_match_hf(pair):
+    """A prompt prefilled into a row; its first positions (through the image) read back as a Prefix; two other
+    prompts that continue it prefilled after it, in one batch: their logits and greedy tokens are HF's for the
+    whole prompts, op by op and compiled."""
+    hf_model, model = pair
+    rng = np.random.default_rng(13)
+    first = random_prompt(rng, model.num_image_features, 4, 6)
+    pixels = random_image(rng, hf_model)
+    length = 5 + model.num_image_features  # BOS, 4 tokens, the image
+    tails = [rng.integers(3, 32000, 7).tolist(), rng.integers(3, 32000, 12).tolist()]
+    for compiled in (False, True):
+        model.config.compile_prefill = compiled
+        try:
+            runner = model.runner()
+            runner.reserve(3, len(first) + 40)
+            runner.prefill([first], runner.image_features(pixels), rows=[0])
+            prefix = runner.read_prefix(0, length)
+            assert prefix.nbytes == 2 * model.config.text_config.num_layers * length * \
+                model.config.text_config.hidden_size * 4
+            logits = runner.prefill(tails, rows=[1, 2], prefix=prefix)
+            for tail, row_logits in zip(tails, logits):
+                whole = first[:length] + tail
+                assert np.abs(row_logits - hf_logits(hf_model, whole, pixels)[-1]).max() < 1e-4
+        finally:
+            model.config.compile_prefill = False
+    # Decoding from a continued row: HF's greedy tokens (the generate path, from one continued prompt).
+    whole = first[:length] + tails[1]
+    expected = hf_greedy(hf_model, whole, pixels, 8)
+    runner.reserve(1, len(whole) + 8)
+    runner.prefill([first], runner.image_features(pixels), rows=[0])
+    logits = runner.prefill([tails[1]], rows=[0], prefix=runner.read_prefix(0, length))
+    tokens = [int(np.argmax(logits[0]))]
+    for step in range(7):
+        tokens.append(int(np.argmax(runner.decode([tokens[-1]], [len(whole) + step])[0])))
+    assert tokens == expected

@@ -185,25 +185,30 @@ def test_second_question_about_a_picture_does_not_run_the_vision_tower(client, l
     ask(client, "What shape is blue?", data_url(first))
     after_first = metrics(live_server)
     assert after_first["vision_images"] == before["vision_images"] + 1
-    # The same pixels in another file format, with another question: a cache hit, and the right answer.
+    # The same pixels in another file format, with another question: it continues the first question's cached
+    # prefix (the prompt through the picture), computing only its own tokens, and answers right.
     question = next(iter(first_answers))
     reply = ask(client, question, data_url(first, "bmp"))
-    assert metrics(live_server)["vision_images"] == after_first["vision_images"]
-    assert metrics(live_server)["image_cache"]["hits"] == after_first["image_cache"]["hits"] + 1
+    after_second = metrics(live_server)
+    assert after_second["vision_images"] == after_first["vision_images"]
+    assert after_second["prefix_cache"]["hits"] == after_first["prefix_cache"]["hits"] + 1
+    assert after_second["prefill_tokens"] - after_first["prefill_tokens"] < reply.usage.prompt_tokens - 9
     assert reply.choices[0].message.content == first_answers[question]
     # Another picture behind the same prompt tokens is never served from the first one's entry.
     question = next(q for q in second_answers if first_answers.get(q) not in (None, second_answers[q]))
     assert ask(client, question, data_url(second)).choices[0].message.content == second_answers[question]
     assert ask(client, question, data_url(first)).choices[0].message.content == first_answers[question]
     assert metrics(live_server)["vision_images"] == after_first["vision_images"] + 1
-    # Bounded: six pictures fit in 30 KB; seven more push the first out.
+    # Bounded: six pictures fit in 30 KB, five prefixes in 200 KB; seven more pictures push the first out.
     for image, _ in others:
         ask(client, "What shape is blue?", data_url(image), max_tokens=1)
     evicted = metrics(live_server)
     ask(client, "What shape is blue?", data_url(first), max_tokens=1)
     assert metrics(live_server)["vision_images"] == evicted["vision_images"] + 1
     assert evicted["image_cache"]["bytes"] <= 0.03 * (1 << 20)
-    assert "image cache:" in live_server["log"].read_text()  # the hit rate is in the (verbose) log
+    assert 4 * 40_000 < evicted["prefix_cache"]["bytes"] <= 0.2 * (1 << 20)
+    log_text = live_server["log"].read_text()
+    assert "image cache:" in log_text and "prefix cache:" in log_text  # hit rates in the (verbose) log
 
 
 def test_local_files_only_under_the_allowed_path(client, live_server, tmp_path):
@@ -330,6 +335,7 @@ def test_a_checkpoint_that_does_not_load_exits_2_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("flags, words", [(["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
                                           (["--image-cache-mb", "-1"], "--image-cache-mb must be >= 0"),
+                                          (["--prefix-cache-mb", "-2"], "--prefix-cache-mb must be >= 0"),
                                           (["--allowed-local-media-path", "/nonexistent"], "is not a directory")])
 def test_bad_flags_are_refused_before_loading(flags, words):
     result = subprocess.run([sys.executable, os.path.join(REPO, "serve.py"), "--config", "x.yaml", *flags],

@@ -1,6 +1,6 @@
 """llava_serving on the bundled tiny model, in process and step by step: the prompt template against
-llava-1.5-hf's own chat template, the text stream, the image-feature cache, and the engine's batching
-(admission into freed rows, answers equal to `generate` alone, cancellation)."""
+llava-1.5-hf's own chat template, the text stream, the caches, and the engine's batching (admission into freed
+rows, prompts continuing a cached prefix, answers equal to `generate` alone, cancellation)."""
 import os
 
 import numpy as np
@@ -13,7 +13,8 @@ from llava_weights import load_weights
 from llava_generation import GenerationSettings
 from llava_processor import build_prompt, chat_prompt
 from llava_runtime import build_components, set_up_context
-from llava_serving import Engine, ImageFeatureCache, Request, TextStream, decode_row_counts, prepare_images, prompt_ids
+from llava_serving import (Engine, LRUCache, Request, TextStream, decode_row_counts, prepare_images, prompt_ids,
+                           prompt_prefix)
 from run_mindformer import load_config, parse_args, register_plugin
 
 set_up_context("CPU", mode=1)
@@ -93,8 +94,8 @@ def test_text_stream_holds_back_what_may_change_and_adds_up_to_the_answer():
         assert "".join(stream_all(tokenizer, ids, stop)) == expected
 
 
-def test_image_feature_cache_is_bounded_in_bytes_and_least_recently_used_goes_first():
-    cache = ImageFeatureCache(capacity=3 * 400)
+def test_lru_cache_is_bounded_in_bytes_and_least_recently_used_goes_first():
+    cache = LRUCache(capacity=3 * 400)
     features = {key: np.zeros((10, 10), np.float32) for key in "abcd"}  # 400 bytes each
     for key in "abc":
         cache.put(key, features[key])
@@ -105,6 +106,21 @@ def test_image_feature_cache_is_bounded_in_bytes_and_least_recently_used_goes_fi
                              "capacity_bytes": 1200}
     cache.put("huge", np.zeros(1000, np.float32))  # larger than the whole cache: not kept, nothing evicted
     assert cache.stats()["entries"] == 3
+
+
+def test_prompt_prefix_ends_at_the_last_image_and_its_key_is_the_pictures_content_and_the_tokens():
+    def request(ids, *keys):
+        return Request(ids, [(key, None) for key in keys], None, 1, None)
+    image = 9
+    key, length = prompt_prefix(request([1, 5, image, image, 6, image, 7, 8], "a", "b"), image)
+    assert length == 6
+    assert prompt_prefix(request([1, 5, image, image, 6, image, 4], "a", "b"), image) == (key, length)  # other tail
+    for other in (request([1, 5, image, image, 6, image, 7, 8], "a", "c"),  # another picture, the same ids
+                  request([1, 5, image, image, 6, image, 7, 8], "b", "a"),  # the pictures in another order
+                  request([1, 3, image, image, 6, image, 7, 8], "a", "b")):  # another text before them
+        assert prompt_prefix(other, image)[0] not in (None, key)
+    assert prompt_prefix(request([1, 5, 7]), image) == (None, 0)  # no picture
+    assert prompt_prefix(request([1, 5, image], "a"), image) == (None, 0)  # nothing after it to compute
 
 
 def test_decode_row_counts():
@@ -212,3 +228,39 @@ def test_cancelled_requests_free_their_rows(tiny):
     assert waiting_answer.outputs == [waiting_answer.outputs[-1]]  # it never started
     assert waiting_answer.outputs[-1].finish_reason == "cancelled"
     assert engine.counters["cancelled"] == 2
+
+
+def test_questions_about_a_cached_prefix_compute_only_their_tails_and_answer_as_generate_alone(tiny):
+    """A first question about a picture prefills it whole and keeps its prefix; three more questions about it,
+    sent together with a question about another picture, continue that prefix in one prefill (only their tails
+    computed), and a second question about the other picture, sent with its first, waits a step and continues
+    its prefix too. Every answer is generate's for the request alone."""
+    model, tokenizer, processor = tiny
+    engine = Engine(model, tokenizer, max_batch_size=6, image_cache_bytes=1 << 20, prefix_cache_bytes=1 << 20)
+    engine.warm_up()
+    greedy = GenerationSettings.resolve(model.config)
+    picture, other = (shapes_task.render(shapes_task.random_scene(np.random.default_rng(seed))) for seed in (7, 8))
+    questions = ["What shape is blue?", "How many shapes are there?", "Describe the image.",
+                 "What color is the triangle?"]
+    asked = [ask(engine, processor, questions[0], picture, 24, greedy)]
+    while engine.busy():
+        engine.step()
+    first = asked[0][0]
+    _, length = prompt_prefix(first, model.image_token_id)
+    assert engine.counters["prefill_tokens"] == len(first.prompt_ids)
+    assert engine.prefix_cache.stats()["entries"] == 1 and engine.prefix_cache.stats()["misses"] == 1
+    before = dict(engine.counters)
+    asked += [ask(engine, processor, question, picture, 24, greedy) for question in questions[1:]]
+    asked += [ask(engine, processor, question, other, 24, greedy) for question in questions[:2]]
+    while engine.busy():
+        engine.step()
+    # Three tails after the cached prefix (one prefill), the other picture whole, then its second question's tail.
+    tails = [len(request.prompt_ids) - length for request, _ in asked[1:4] + asked[5:]]
+    assert engine.counters["prefill_tokens"] - before["prefill_tokens"] == sum(tails) + len(asked[4][0].prompt_ids)
+    assert engine.counters["prefills"] - before["prefills"] == 3
+    assert engine.counters["vision_images"] - before["vision_images"] == 1
+    assert engine.prefix_cache.stats()["hits"] == 4 and engine.prefix_cache.stats()["entries"] == 2
+    for request, recorder in asked:
+        alone = model.generate([request.prompt_ids], pixel_values=np.stack([request.images[0][1]]),
+                               max_new_tokens=24)[0][len(request.prompt_ids):]
+        assert recorder.text == tokenizer.decode(alone, skip_special_tokens=True).strip()

@@ -75,6 +75,7 @@ def _load():
                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     lib.llava_configure.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int64]
     lib.llava_describe.restype = ctypes.c_char_p
+    lib.llava_prompt_rows.restype = ctypes.c_int64
     lib.llava_first_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     lib.llava_first_nonfinite.restype = ctypes.c_int64
     lib.llava_set_onednn_path.argtypes = [ctypes.c_char_p]
@@ -123,7 +124,8 @@ else:
     ATTENTION = _op("LlavaAttention", _like_first)          # (q [B,H,T,D], k, v [B,H,L,D], mask [B|1,H|1,T,L], scale [1])
     # (q, k, v [B,T,H*D], heads int32 [1], scale [1]) -> [B,T,H*D]: every token sees every token, heads split inside
     SELF_ATTENTION = _op("LlavaSelfAttention", _like_first)
-    # (q, k_new, v_new [B,H,1,D], k_cache, v_cache [B,H,L,D], mask [B,1,1,L], scale [1]): one token after a cache
+    # (q, k_new, v_new [B,H,1,D], k_cache, v_cache [B,H,L,D] float32 or float16, mask [B,1,1,L], scale [1]):
+    # one token after a cache
     ATTENTION_DECODE = _op("LlavaAttentionDecode", _like_first)
     EMBEDDING = _op("LlavaEmbedding", _rows_of_table)       # (table [V, D], ids int32 [...]) -> [..., D]
     # (x [B,T,K], Wq, Wk, Wv [N,K], positions int32 [B,T], cos, sin [P,D]) -> [3,B,H,T,D]: q, k rotated, v
@@ -147,6 +149,12 @@ def configure(small=None, large=None, m_large=None):
     status = _LIB.llava_configure((small or "").encode(), (large or "").encode(), -1 if m_large is None else m_large)
     if status:
         raise ValueError(f"unknown kernel path: small={small!r} large={large!r}")
+
+
+def prompt_rows():
+    """The row count from which products take the prompt path (oneDNN; bfloat16 arithmetic for 16-bit weights
+    on CPUs that have it)."""
+    return _LIB.llava_prompt_rows()
 
 
 def reset():

@@ -40,18 +40,25 @@ def mindspore_dtype(name):
 class Precision:
     """compute: the dtype matmuls run in; weights: the dtype matrices (linear weights, embedding tables) are
     stored in; kernels: matmuls through llava_kernels (CPU: float32 activations, weights read at their own
-    width) instead of MindSpore's MatMul. Vectors (norm weights, biases, the class token) are stored and used in
-    float32, as the norms and the softmax always compute in float32."""
+    width) instead of MindSpore's MatMul; cache: the KV cache's dtype. Vectors (norm weights, biases, the class
+    token) are stored and used in float32, as the norms and the softmax always compute in float32.
+
+    With the kernels and 16-bit weights the KV cache is float16: a decode step reads every cached key and value
+    (16 rows of 620 positions of the 474M bench model: as many bytes as its weights), and the cache then holds
+    twice the tokens; the kernels widen it to float32 as they read it. Otherwise it is in `compute`."""
 
     compute: object = ms.float32
     weights: object = ms.float32
     kernels: bool = False
+    cache: object = ms.float32
 
     @classmethod
     def of(cls, config):
         kernels = (config.cpu_kernels and ms.get_context("device_target") == "CPU" and llava_kernels.available())
         compute = ms.float32 if kernels else mindspore_dtype(config.compute_dtype)
-        return cls(compute, mindspore_dtype(config.param_init_type), kernels)
+        weights = mindspore_dtype(config.param_init_type)
+        cache = ms.float16 if kernels and weights in (ms.float16, ms.bfloat16) else compute
+        return cls(compute, weights, kernels, cache)
 
 
 FLOAT32 = Precision()
@@ -239,9 +246,10 @@ class Attention(nn.Cell):
         """One new token per row that attends to the cached positions the mask leaves visible and to itself:
         query, key, value [B,H,1,D]; cached_key/value [B,H,L,D]; mask [B,H,1,L] -> [B,H,1,D]. The new token's
         key/value are not in the cache yet (KVCache.write puts them there after the step)."""
-        if self.kernel:  # reads only the slots the mask leaves visible
+        if self.kernel:  # float32 q, k, v; the cache float32 or float16; reads only the slots the mask shows
             return llava_kernels.ATTENTION_DECODE(query, key, value, cached_key, cached_value, mask,
                                                   self.scale_tensor)
+        query, key, value = (tensor.astype(cached_key.dtype) for tensor in (query, key, value))
         query = query * self.scale
         cached = self.scores(query, cached_key).astype(ms.float32) + mask
         own = (query * key).sum(-1, keepdims=True).astype(ms.float32)  # [B,H,1,1]
@@ -382,25 +390,34 @@ def apply_rotary(x, cos, sin):
 class KVCache:
     """The keys and values of every decoder layer for `batch` rows (one sequence each) of `length` positions.
 
-    Each layer's keys (and values) are one flat [R*H*L, D] buffer, written in place between steps by an
-    op-by-op ScatterUpdate (`write`); a decode step gets [rows, H, L, D] views of the first rows, made once
-    (`views`), as inputs, so a step over fewer rows than the cache holds reads only those (a lone request does
-    not pay for the attention of 15 empty rows). What this avoids, measured on CPU (bench/RESULTS.md, serving):
-    an in-graph ScatterNdUpdate copies the whole cache tensor at each write (16 writes into a 16-row,
-    1024-position cache: 378 ms, against 2 ms for ScatterUpdate into a flat buffer), and a reshape or slice of
-    the cache inside the graph copies it too.
+    A decode step gets [rows, H, L, D] views of the first rows (`views`, made once per row count) as inputs,
+    so a step over fewer rows than the cache holds reads only those (a lone request does not pay for the
+    attention of 15 empty rows); the runner writes each step's keys and values between steps (`write`,
+    `write_prefix`). Where the buffers live:
+    - on CPU ("host"), numpy arrays [R, H, L, D] that the tensors share (Tensor.from_numpy): numpy writes
+      them, and a view is a tensor made from a slice of an array, which MindSpore reads in place. MindSpore
+      copies a sliced Tensor whole into every op or graph that reads it (a decode step over 8 of 16 rows ~2x
+      slower), and its ScatterUpdate copies ~2.4 GB/s (a 15-row prefix write: 250 ms); bench/RESULTS.md,
+      serving;
+    - elsewhere ("device"), one flat [R*H*L, D] tensor per layer, written in place by an op-by-op
+      ScatterUpdate (an in-graph ScatterNdUpdate copies the whole cache at each write: 16 writes into a
+      16-row, 1024-position cache took 378 ms on CPU, against 2 ms for ScatterUpdate).
 
-    It allocates, says where a step's keys/values go (`write_index`) and what a decode step may see
-    (`decode_mask`); which sequence is in which row, and for how long, is the caller's (llava_steps.py).
-    Runtime state, never saved in checkpoints.
+    It allocates, writes, reads a row's first positions back (`read`: a prefix that later prompts continue)
+    and says what a decode step may see (`decode_mask`); which sequence is in which row, and for how long, is
+    the caller's (llava_steps.py). Runtime state, never saved in checkpoints.
     """
 
     BLOCK = 256  # lengths are multiples of this: each new cache shape costs a compile of the decode step
 
-    def __init__(self, num_layers, num_heads, head_dim, dtype, max_length):
+    def __init__(self, num_layers, num_heads, head_dim, dtype, max_length, host=None):
+        """host: keep the buffers in numpy arrays (default: on CPU, for the dtypes numpy has)."""
         self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
         self.dtype, self.max_length = dtype, max_length
-        self.keys = self.values = None
+        if host is None:
+            host = ms.get_context("device_target") == "CPU" and dtype in (ms.float32, ms.float16)
+        self.host = host
+        self.buffers = None  # keys of every layer, then values: numpy [R, H, L, D] (host), Tensor [R*H*L, D]
         self._views = {}
         self.batch = self.length = 0
         self.version = 0  # bumped at each allocation: whoever kept views of the older buffers drops them
@@ -412,12 +429,17 @@ class KVCache:
         (capped at the context length) and zeroed."""
         if length > self.max_length:
             raise ValueError(f"{length} tokens do not fit the context seq_length={self.max_length}")
-        if self.keys is not None and self.batch == batch and self.length >= length:
+        if self.buffers is not None and self.batch == batch and self.length >= length:
             return
         length = min(-(-length // self.BLOCK) * self.BLOCK, self.max_length)
-        flat = (batch * self.num_heads * length, self.head_dim)
-        self.keys = tuple(ops.zeros(flat, self.dtype) for _ in range(self.num_layers))
-        self.values = tuple(ops.zeros(flat, self.dtype) for _ in range(self.num_layers))
+        if self.host:
+            # np.full writes every page now: np.zeros would leave them to fault in at their first write, which
+            # would then be a request's (a 15-row prefix write ~2.5x slower).
+            shape = (batch, self.num_heads, length, self.head_dim)
+            self.buffers = tuple(np.full(shape, 0, ms.dtype_to_nptype(self.dtype)) for _ in range(2 * self.num_layers))
+        else:
+            flat = (batch * self.num_heads * length, self.head_dim)
+            self.buffers = tuple(ops.zeros(flat, self.dtype) for _ in range(2 * self.num_layers))
         self._views = {}
         self.batch, self.length = batch, length
         self.version += 1
@@ -426,26 +448,63 @@ class KVCache:
         """[rows, H, L, D] views (no copy) of the first `rows` rows of every layer's buffers: (keys, values),
         made once per row count."""
         if rows not in self._views:
-            shape = (rows, self.num_heads, self.length, self.head_dim)
-            size = rows * self.num_heads * self.length
-            self._views[rows] = tuple(tuple(buffer[:size].reshape(shape) for buffer in buffers)
-                                      for buffers in (self.keys, self.values))
+            if self.host:
+                views = tuple(Tensor.from_numpy(buffer[:rows]) for buffer in self.buffers)
+            else:
+                shape = (rows, self.num_heads, self.length, self.head_dim)
+                views = tuple(buffer[:rows * self.num_heads * self.length].reshape(shape) for buffer in self.buffers)
+            self._views[rows] = (views[:self.num_layers], views[self.num_layers:])
         return self._views[rows]
 
-    def write_index(self, rows, positions):
-        """rows [B] (cache rows), positions [B, T] -> int32 Tensor [B*H*T]: the flat buffer row of each
-        (row, head, position), in the order of a step's [B, H, T, D] keys."""
+    def write(self, rows, start, keys, values):
+        """A step's keys and values (per layer [B, H, T, D]) into cache rows `rows` [B], row rows[b] at positions
+        start[b]..start[b]+T-1."""
+        rows, start = np.asarray(rows, np.int64), np.asarray(start, np.int64)
+        steps = keys[0].shape[2]
+        if self.host:
+            for buffer, new in zip(self.buffers, keys + values):
+                new = new.asnumpy()
+                if steps == 1:  # decode: one position per row, one numpy assignment
+                    buffer[rows, :, start] = new[:, :, 0]
+                else:
+                    for index, (row, first) in enumerate(zip(rows, start)):
+                        buffer[row, :, first:first + steps] = new[index]
+            return
+        index = self._flat_index(rows, start[:, None] + np.arange(steps))
+        for buffer, new in zip(self.buffers, keys + values):
+            self._scatter(buffer, index, new.reshape(-1, self.head_dim).astype(self.dtype))
+
+    def write_prefix(self, rows, prefix_keys, prefix_values):
+        """The same first P positions (per layer [1, H, P, D]: `read`) into every row of `rows`."""
+        length = prefix_keys[0].shape[2]
+        if self.host:
+            for buffer, prefix in zip(self.buffers, prefix_keys + prefix_values):
+                prefix = prefix.asnumpy()[0]
+                for row in rows:
+                    buffer[row, :, :length] = prefix
+            return
+        tiled = tuple(ops.tile(prefix, (len(rows), 1, 1, 1)) for prefix in prefix_keys + prefix_values)
+        self.write(rows, np.zeros(len(rows)), tiled[:self.num_layers], tiled[self.num_layers:])
+
+    def read(self, row, length):
+        """The keys and values of positions 0..length-1 of cache row `row`: per layer [1, H, length, D]
+        (copies: the row may be overwritten afterwards)."""
+        if self.host:
+            tensors = tuple(Tensor.from_numpy(np.ascontiguousarray(buffer[row:row + 1, :, :length]))
+                            for buffer in self.buffers)
+        else:
+            index = self._flat_index([row], np.arange(length)[None])
+            shape = (1, self.num_heads, length, self.head_dim)
+            tensors = tuple(ops.gather(buffer, index, 0).reshape(shape) for buffer in self.buffers)
+        return tensors[:self.num_layers], tensors[self.num_layers:]
+
+    def _flat_index(self, rows, positions):
+        """rows [B], positions [B, T] -> int32 Tensor [B*H*T]: the flat buffer row of each (row, head,
+        position), in the order of a step's [B, H, T, D] keys (device buffers)."""
         heads = np.arange(self.num_heads, dtype=np.int64)[None, :, None]
         rows = np.asarray(rows, np.int64)[:, None, None]
         index = (rows * self.num_heads + heads) * self.length + np.asarray(positions, np.int64)[:, None, :]
         return Tensor(index.reshape(-1).astype(np.int32))
-
-    def write(self, index, keys, values):
-        """Put a step's keys and values (per layer [B, H, T, D]) at `index` (write_index), in place."""
-        for buffer, key in zip(self.keys, keys):
-            self._scatter(buffer, index, key.reshape(-1, self.head_dim).astype(self.dtype))
-        for buffer, value in zip(self.values, values):
-            self._scatter(buffer, index, value.reshape(-1, self.head_dim).astype(self.dtype))
 
     def decode_mask(self, positions):
         """positions [B, 1] -> [B, 1, 1, L] float32: a row at position p sees cache slots 0..p-1 (and itself,
@@ -468,12 +527,17 @@ class LlamaAttention(nn.Cell):
         self.attention = Attention(self.head_dim, precision)
         self.kernel = precision.kernels
 
-    def construct(self, x, rotary, mask, cached_key=None, cached_value=None):
+    def construct(self, x, rotary, mask, cached_key=None, cached_value=None, after_prefix=False):
         """x [B, T, Ht] -> (output [B, T, Ht], this step's keys and values [B, H, T, D], for the KV cache).
 
         rotary: (cos, sin) [B, H, T, D]; with the kernels (positions [B, T], cos table, sin table [P, D]).
-        cached_key, cached_value [B, H, L, D] (decode, T = 1): attend to them (as far as the mask lets each row
-        see) and to this token; without them (prompt, training) the T tokens attend to each other.
+        Three ways to attend:
+        - no cache (prompt, training): the T tokens attend to each other (mask [B or 1, 1, T, T]);
+        - cached_key, cached_value [B, H, L, D] (decode, T = 1): attend to the cache slots the mask leaves
+          visible ([B, 1, 1, L]) and to this token;
+        - after_prefix: cached_key, cached_value [B, H, P, D] are the first P positions of the prompt these T
+          tokens continue (a cached prefix, all visible): attend to them and to each other (mask [B or 1, 1, T,
+          P + T]).
         """
         if self.kernel:  # the three products, the rotary embedding and the head split in one op
             qkv = llava_kernels.QKV_ROTARY(x.astype(ms.float32), self.q_proj.weight, self.k_proj.weight,
@@ -485,10 +549,12 @@ class LlamaAttention(nn.Cell):
             value = split_heads(self.v_proj(x), self.num_heads)
         if cached_key is None:
             attended = self.attention(query, key, value, mask)
-        else:
+        elif after_prefix:
             key, value = key.astype(cached_key.dtype), value.astype(cached_value.dtype)
-            attended = self.attention.with_cache(query.astype(key.dtype), key, value, cached_key, cached_value,
-                                                 mask)
+            attended = self.attention(query, ops.concat((cached_key, key), 2), ops.concat((cached_value, value), 2),
+                                      mask)
+        else:
+            attended = self.attention.with_cache(query, key, value, cached_key, cached_value, mask)
         return self.o_proj(merge_heads(attended)), key, value
 
 
@@ -522,8 +588,9 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision)
         self.mlp = LlamaMLP(config, precision, tensor_parallel)
 
-    def construct(self, x, rotary, mask, cached_key=None, cached_value=None):
-        attended, key, value = self.self_attn(self.input_layernorm(x), rotary, mask, cached_key, cached_value)
+    def construct(self, x, rotary, mask, cached_key=None, cached_value=None, after_prefix=False):
+        attended, key, value = self.self_attn(self.input_layernorm(x), rotary, mask, cached_key, cached_value,
+                                              after_prefix)
         x = x + attended.astype(ms.float32)
         return x + self.mlp(self.post_attention_layernorm(x)).astype(ms.float32), key, value
 
@@ -539,15 +606,17 @@ class LlamaModel(nn.Cell):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision)
         self.kernel = precision.kernels
         self.num_heads = shard_size(config.num_heads, tensor_parallel.size, "text attention heads")  # this rank's
-        self.kv_cache = KVCache(config.num_layers, self.num_heads, config.head_dim, precision.compute, max_positions)
+        self.kv_cache = KVCache(config.num_layers, self.num_heads, config.head_dim, precision.cache, max_positions)
         self.cos, self.sin = rotary_tables(config.head_dim, max_positions, config.rope_theta)
         self.gather = ops.Gather()
 
-    def construct(self, hidden, positions, mask, cached_keys=None, cached_values=None):
+    def construct(self, hidden, positions, mask, cached_keys=None, cached_values=None, after_prefix=False):
         """hidden [B, T, Ht], positions [B, T] int32, mask [B or 1, 1, T, L] -> (normed hidden [B, T, Ht]
         float32, this step's keys and values: per layer [B, H, T, D], for KVCache.write).
 
-        cached_keys, cached_values: per layer [B, H, L, D] (KVCache.views) for a decode step, else None.
+        cached_keys, cached_values: per layer [B, H, L, D] (KVCache.views) for a decode step; with after_prefix,
+        [B, H, P, D], the cached first P positions of the prompts these tokens continue; else None (a whole
+        prompt). See LlamaAttention.
         """
         # Broadcasting elementwise ops are many times slower than same-shape ones on CPU (bench/RESULTS.md), so
         # the rotary tables, and the mask for MindSpore's attention, are tiled to every head once here.
@@ -563,7 +632,8 @@ class LlamaModel(nn.Cell):
             if cached_keys is None:
                 hidden, key, value = layer(hidden, rotary, mask)
             else:
-                hidden, key, value = layer(hidden, rotary, mask, cached_keys[index], cached_values[index])
+                hidden, key, value = layer(hidden, rotary, mask, cached_keys[index], cached_values[index],
+                                           after_prefix)
             keys, values = keys + (key,), values + (value,)
         return self.norm(hidden), keys, values
 

@@ -8,12 +8,15 @@ The engine runs the model from one thread, as MindSpore is not thread-safe: `run
 thread. Each step:
 
 1. New requests join the waiting line; cancelled ones leave it, or free their rows.
-2. Waiting requests take the free cache rows, lowest first: their images' features (from the cache, or
-   one vision call for every image not in it), one prefill for all of them into their rows, a first token.
-   A prefill holds at most `context` padded prompt tokens (one full-context prompt's activations): on CPU
-   MindSpore keeps the peak of its memory pool, and 15 prompts of 640 tokens in one prefill grew the 474M
-   bench server to 16 GB (bench/RESULTS.md, serving). Prefill is compute-bound, so one at a time costs
-   little throughput.
+2. Waiting requests take the free cache rows, lowest first, and get a first token. A prompt whose start,
+   through its last image, was prefilled before (same pictures, same tokens: the prefix cache) continues
+   that prefix's cached keys/values: only the tokens after it (the question, ~30 of LLaVA's ~610) are
+   computed, in one prefill per shared prefix. The others: their images' features (from the image cache, or
+   one vision call for every image not in it), one prefill for all of them, and their prefixes into the
+   prefix cache. An admission computes at most `context` padded prompt tokens (one full-context prompt's
+   activations): on CPU MindSpore keeps the peak of its memory pool, and 15 prompts of 640 tokens in one
+   prefill grew the 474M bench server to 16 GB (bench/RESULTS.md, serving). A request whose prefix another
+   request in the same admission is computing waits one step, then continues it.
 3. One decode step over rows 0..k-1, k the smallest compiled row count that holds every running row (a lone
    request does not pay for the attention of 15 empty rows; bench/RESULTS.md, serving).
 4. Each row samples its token with its own settings and random generator, streams its text, and finishes at
@@ -35,11 +38,15 @@ from mindspore import Tensor
 
 from llava_generation import penalize_repetition, row_rng, sample
 from llava_processor import chat_prompt
+from llava_steps import PREFILL_BLOCK
 
 log = logging.getLogger("llava.serving")
 
 # Room for ~54 pictures of the 7B model (576 features x 4096 x 4 bytes = 9.4 MB each), ~14,000 of the tiny one.
 DEFAULT_IMAGE_CACHE_BYTES = 512 << 20
+# Prefixes are keys and values of every layer: a 7B prompt through one picture (~600 positions x 32 layers x 2
+# x 4096 x 4 bytes) is 0.63 GB, the 474M bench model's 39 MB.
+DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -65,6 +72,23 @@ def prompt_ids(processor, messages, num_images):
     """A conversation (chat_prompt's messages) -> prompt ids; ValueError when its image tags do not match
     `num_images` or it does not fit the context."""
     return processor.encode_templated(chat_prompt(messages), num_images)
+
+
+def prompt_prefix(request, image_token_id):
+    """(key, length): the start of a request's prompt through its last image, which later prompts about the same
+    pictures share (the template, the earlier turns, the image slots), and the key of its cached keys/values.
+    The key hashes the pictures' keys (their content, prepare_images) with the token ids: every picture's slots
+    hold the same ids. (None, 0) without images, or when nothing follows the last image."""
+    if not request.images:
+        return None, 0
+    ids = np.asarray(request.prompt_ids, np.int32)
+    length = int(np.flatnonzero(ids == image_token_id)[-1]) + 1
+    if length == len(ids):
+        return None, 0
+    digest = hashlib.sha256(ids[:length].tobytes())
+    for key, _ in request.images:
+        digest.update(key.encode())
+    return digest.hexdigest(), length
 
 
 # ----------------------------------------------------------------------------------------------- requests
@@ -161,31 +185,35 @@ class Sequence:
         return len(self.history) - 1
 
 
-# ----------------------------------------------------------------------------------------------- image cache
+# ----------------------------------------------------------------------------------------------- caches
 
-class ImageFeatureCache:
-    """Projected image features [F, Ht] by image key (prepare_images), least recently used out first, at most
-    `capacity` bytes. Hits and misses are counted for the logs and /metrics."""
+class LRUCache:
+    """Values with an `nbytes` by key, least recently used out first, at most `capacity` bytes: the image
+    features [F, Ht] by image key (prepare_images), and the prompt prefixes (llava_steps.Prefix) by
+    prompt_prefix's key. Hits and misses are counted for the logs and /metrics."""
 
     def __init__(self, capacity):
         self.capacity = int(capacity)
         self.entries = collections.OrderedDict()
         self.bytes = self.hits = self.misses = 0
 
+    def __contains__(self, key):
+        return key in self.entries
+
     def get(self, key):
-        features = self.entries.get(key)
-        if features is None:
+        value = self.entries.get(key)
+        if value is None:
             self.misses += 1
             return None
         self.entries.move_to_end(key)
         self.hits += 1
-        return features
+        return value
 
-    def put(self, key, features):
-        if key in self.entries or features.nbytes > self.capacity:
+    def put(self, key, value):
+        if key in self.entries or value.nbytes > self.capacity:
             return
-        self.entries[key] = features
-        self.bytes += features.nbytes
+        self.entries[key] = value
+        self.bytes += value.nbytes
         while self.bytes > self.capacity:
             _, evicted = self.entries.popitem(last=False)
             self.bytes -= evicted.nbytes
@@ -198,8 +226,8 @@ class ImageFeatureCache:
 
 # ----------------------------------------------------------------------------------------------- engine
 
-COUNTERS = ("requests", "finished", "cancelled", "error", "prefills", "prefill_rows", "decode_steps", "decode_rows",
-            "max_running", "generated_tokens", "vision_calls", "vision_images")
+COUNTERS = ("requests", "finished", "cancelled", "error", "prefills", "prefill_rows", "prefill_tokens", "decode_steps",
+            "decode_rows", "max_running", "generated_tokens", "vision_calls", "vision_images")
 
 
 def decode_row_counts(max_rows):
@@ -218,7 +246,8 @@ class Engine:
     compiles the decode step for each row count, so nothing compiles while clients wait.
     """
 
-    def __init__(self, model, tokenizer, max_batch_size, image_cache_bytes):
+    def __init__(self, model, tokenizer, max_batch_size, image_cache_bytes,
+                 prefix_cache_bytes=DEFAULT_PREFIX_CACHE_BYTES):
         if max_batch_size < 1:
             raise ValueError(f"the max batch size must be >= 1, got {max_batch_size}")
         self.model, self.tokenizer = model, tokenizer
@@ -228,7 +257,8 @@ class Engine:
         self.row_counts = decode_row_counts(max_batch_size)
         self.inbox = queue.Queue()
         self.waiting = collections.deque()
-        self.image_cache = ImageFeatureCache(image_cache_bytes)
+        self.image_cache = LRUCache(image_cache_bytes)
+        self.prefix_cache = LRUCache(prefix_cache_bytes)
         # Every key from the start: /metrics reads the counters from another thread while this one counts.
         self.counters = collections.Counter(dict.fromkeys(COUNTERS, 0))
         self.ready = threading.Event()
@@ -249,19 +279,25 @@ class Engine:
         running = sum(row is not None for row in self.rows)
         return {"ready": self.ready.is_set(), "max_batch_size": len(self.rows), "running": running,
                 "waiting": len(self.waiting) + self.inbox.qsize(), **dict(self.counters),
-                "image_cache": self.image_cache.stats()}
+                "image_cache": self.image_cache.stats(), "prefix_cache": self.prefix_cache.stats()}
 
     # -- from the engine's thread
 
     def warm_up(self):
-        """Allocate the cache and compile every step once (a prompt with an image, each decode row count)."""
+        """Allocate the cache and run every step once (a prompt with an image; every row continuing its prefix,
+        which grows MindSpore's memory pool to what a full admission needs: growing it within a request cost
+        ~0.25 s; each decode row count), so that nothing compiles or allocates while clients wait."""
         self.model.set_train(False)
         self.runner.reserve(len(self.rows), self.context)
         image_size = self.model.config.vision_config.image_size
         features = self.runner.image_features(np.zeros((1, 3, image_size, image_size), np.float32))
-        prompt = [self.model.config.text_config.bos_token_id] + [self.model.image_token_id] * \
-            self.model.num_image_features
+        bos = self.model.config.text_config.bos_token_id
+        prompt = [bos] + [self.model.image_token_id] * self.model.num_image_features
         self.runner.prefill([prompt], features, rows=[0])
+        if len(prompt) < self.context:
+            tails = [[bos] * min(PREFILL_BLOCK, self.context - len(prompt))] * len(self.rows)
+            self.runner.prefill(tails, rows=list(range(len(self.rows))),
+                                prefix=self.runner.read_prefix(0, len(prompt)))
         for count in self.row_counts:
             self.runner.decode(np.zeros(count, np.int32), np.zeros(count, np.int32))
         self.ready.set()
@@ -303,31 +339,60 @@ class Engine:
                 self._finish(index, "cancelled")
 
     def _admit(self):
+        """Waiting requests into the free rows (step 2 of the module docstring)."""
         free = [index for index, sequence in enumerate(self.rows) if sequence is None]
-        batch, longest = [], 0
+        fresh = []  # (row, request, prefix key, prefix length): computed whole
+        continued = {}  # prefix key -> (Prefix, [(row, request)]): computed after their cached prefix
+        longest = 0
         while free and self.waiting:
-            longest = max(longest, len(self.waiting[0].prompt_ids))
-            if batch and longest * (len(batch) + 1) > self.context:  # the prefill's padded size
+            request = self.waiting[0]
+            key, length = prompt_prefix(request, self.model.image_token_id)
+            if key is not None and any(key == entry[2] for entry in fresh):
+                break  # a prefix this admission computes: continue it at the next step
+            cached = key is not None and key in self.prefix_cache
+            longest = max(longest, len(request.prompt_ids) - (length if cached else 0))
+            admitted = len(fresh) + sum(len(batch) for _, batch in continued.values())
+            if admitted and longest * (admitted + 1) > self.context:  # bounds any one prefill's padded size
                 break
-            batch.append((free.pop(0), self.waiting.popleft()))
-        if not batch:
-            return
+            self.waiting.popleft()
+            prefix = self.prefix_cache.get(key) if key is not None else None
+            if prefix is not None:
+                continued.setdefault(key, (prefix, []))[1].append((free.pop(0), request))
+            else:
+                fresh.append((free.pop(0), request, key, length))
+        for prefix, batch in continued.values():
+            self._prefill(batch, prefix)
+        if fresh and self._prefill([(row, request) for row, request, *_ in fresh]):
+            for row, _, key, length in fresh:  # their prefixes, for the requests that follow (rows still hold
+                if key is not None:           # them: a row freed at its first token is not reused before this)
+                    self.prefix_cache.put(key, self.runner.read_prefix(row, length))
+        if fresh or continued:
+            stats = self.prefix_cache.stats()
+            log.info("prefix cache: %d hits, %d misses (hit rate %.0f%%), %d entries, %.1f MB", stats["hits"],
+                     stats["misses"], 100 * stats["hit_rate"], stats["entries"], stats["bytes"] / 1e6)
+
+    def _prefill(self, batch, prefix=None):
+        """Prefill [(row, request)] into their rows (after `prefix`, a cached Prefix they all continue), and
+        sample each one's first token. False if the prefill failed (the requests get an error)."""
         requests = [request for _, request in batch]
+        start = 0 if prefix is None else prefix.length
+        prompts = [request.prompt_ids[start:] for request in requests]
         try:
-            features = self._image_features(requests)
-            logits = self.runner.prefill([request.prompt_ids for request in requests], features,
-                                         rows=[index for index, _ in batch])
+            features = None if prefix is not None else self._image_features(requests)
+            logits = self.runner.prefill(prompts, features, rows=[index for index, _ in batch], prefix=prefix)
         except Exception as error:  # pylint: disable=broad-except  (a fault here must not stop the others)
             log.exception("prefill failed")
             self.counters["error"] += len(requests)
             for request in requests:
                 self._send(request, Output(finish_reason="error", error=f"internal error: {error}"))
-            return
+            return False
         self.counters["prefills"] += 1
         self.counters["prefill_rows"] += len(batch)
+        self.counters["prefill_tokens"] += sum(len(prompt) for prompt in prompts)
         for (index, request), row_logits in zip(batch, logits):
             self.rows[index] = Sequence(request, self.tokenizer)
             self._next_token(index, row_logits)
+        return True
 
     def _image_features(self, requests):
         """The features of the requests' images in reading order [M, Ht]: from the cache, and one vision call

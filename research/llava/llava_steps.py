@@ -3,7 +3,9 @@ around them (padding prompts, where image features go, which KV-cache rows a pro
 
     VisionStep   pixels [N, 3, S, S] -> image features [N*F, Ht]
     PrefillStep  prompts [B, S] + image features -> logits of each prompt's last token [B, V], and the
-                 prompts' keys/values, which the runner writes into their cache rows
+                 prompts' keys/values, which the runner writes into their cache rows. Prompts may continue
+                 a cached prefix (its keys/values, read back from a row: ModelRunner.read_prefix): then only
+                 the tokens after it are computed
     DecodeStep   one token for each of the first B cache rows [B] + those rows' cached keys/values ->
                  logits [B, V], and the tokens' keys/values, which the runner writes at each row's position
 
@@ -16,6 +18,8 @@ shape: the vision step per image count, the prefill per (batch, prompt length ro
 the decode per (rows, cache length). The steps share the model's cells, so they see its weights; the KV cache
 (KVCache, llava_model.py) is written between steps, in place, and read by the decode step as inputs.
 """
+from dataclasses import dataclass
+
 import numpy as np
 
 import mindspore as ms
@@ -28,6 +32,27 @@ MASK_VALUE = -1e9  # finite: fully masked padding rows must not produce NaN
 def causal_mask(length):
     """[1, 1, S, S] float32: 0 on and below the diagonal, a large negative above."""
     return Tensor(np.triu(np.full((length, length), MASK_VALUE, np.float32), 1)[None, None])
+
+
+def prefix_mask(prefix_length, length):
+    """[1, 1, T, P+T] float32 for T tokens after a P-position prefix: the prefix all visible, then causal."""
+    return Tensor(np.concatenate([np.zeros((length, prefix_length), np.float32), causal_mask(length).asnumpy()[0, 0]],
+                                 axis=1)[None, None])
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The keys and values of the first `length` positions of a prompt (ModelRunner.read_prefix): per layer
+    [1, H, length, D]. Prompts that continue it (ModelRunner.prefill(prefix=...)) attend to them instead of
+    computing them again."""
+
+    keys: tuple
+    values: tuple
+    length: int
+
+    @property
+    def nbytes(self):
+        return sum(tensor.size * tensor.itemsize for tensor in self.keys + self.values)
 
 
 def merge_image_features(text_embeddings, image_features, merge_index):
@@ -58,19 +83,26 @@ class PrefillStep(nn.Cell):
         self.language_model = model.language_model
         self.lm_head = model.lm_head
 
-    def eager(self, text_ids, image_features, merge_index, positions, mask, last_index):
+    def eager(self, text_ids, image_features, merge_index, positions, mask, last_index, prefix_keys=None,
+              prefix_values=None):
         """text_ids, positions [B, S] int32; image_features [M, Ht]; merge_index [B*S]; mask [1, 1, S, S];
         last_index [B] (flat index of each row's last token) -> (logits [B, V] float32, keys, values: per layer
-        [B, H, S, D])."""
+        [B, H, S, D]).
+
+        prefix_keys, prefix_values: per layer [B, H, P, D], the first P positions that these prompts continue
+        (positions P.., mask [1, 1, S, P+S])."""
         batch, length = text_ids.shape
         hidden = merge_image_features(self.language_model.embed_tokens(text_ids), image_features, merge_index)
-        hidden, keys, values = self.language_model(hidden, positions, mask)
+        hidden, keys, values = self.language_model(hidden, positions, mask, prefix_keys, prefix_values,
+                                                   prefix_keys is not None)
         last = ops.gather(hidden.reshape(batch * length, -1), last_index, 0)
         return self.lm_head(last).astype(ms.float32), keys, values
 
     @ms.jit
-    def compiled(self, text_ids, image_features, merge_index, positions, mask, last_index):
-        return self.eager(text_ids, image_features, merge_index, positions, mask, last_index)
+    def compiled(self, text_ids, image_features, merge_index, positions, mask, last_index, prefix_keys=None,
+                 prefix_values=None):
+        return self.eager(text_ids, image_features, merge_index, positions, mask, last_index, prefix_keys,
+                          prefix_values)
 
 
 class DecodeStep(nn.Cell):
@@ -118,7 +150,7 @@ class ModelRunner:
         """A cache of `rows` rows of at least `length` positions."""
         self.cache.allocate(rows, length)
 
-    def prefill(self, prompts, image_features=None, rows=None, use_cache=True):
+    def prefill(self, prompts, image_features=None, rows=None, use_cache=True, prefix=None):
         """Run prompts (lists of token ids, ragged; `<image>` slots included) once; logits of each one's last
         token [len(prompts), V].
 
@@ -126,12 +158,15 @@ class ModelRunner:
         rows: the cache rows the prompts' keys/values go to (default 0..n-1); without `use_cache` nothing is
         kept. Each prompt is padded after its end; decode overwrites or masks every padding slot before
         reading it.
+        prefix: a Prefix (read_prefix) that every prompt continues: the prompts are then only the tokens after
+        its P positions, and their rows get the prefix's keys/values followed by theirs.
         """
+        start = 0 if prefix is None else prefix.length
         lengths = np.array([len(prompt) for prompt in prompts], np.int32)
         batch = len(prompts)
         padded_length = -(-int(lengths.max()) // PREFILL_BLOCK) * PREFILL_BLOCK
         if use_cache:
-            padded_length = max(int(lengths.max()), min(padded_length, self.cache.length))
+            padded_length = max(int(lengths.max()), min(padded_length, self.cache.length - start))
         padded = np.full((batch, padded_length), self.model.config.pad_token_id, np.int32)
         for target, prompt in zip(padded, prompts):
             target[:len(prompt)] = prompt
@@ -139,16 +174,32 @@ class ModelRunner:
         text_ids, merge_index = self.model.merge_plan(padded, num_images)
         if image_features is None:
             image_features = ops.zeros((1, self.model.config.text_config.hidden_size), ms.float32)  # never gathered
-        positions = np.broadcast_to(np.arange(padded_length, dtype=np.int32), (batch, padded_length))
+        positions = np.broadcast_to(np.arange(start, start + padded_length, dtype=np.int32), (batch, padded_length))
         last_index = lengths - 1 + np.arange(batch, dtype=np.int32) * padded_length
+        inputs = [Tensor(text_ids), image_features, Tensor(merge_index), Tensor(positions)]
+        if prefix is None:
+            inputs += [causal_mask(padded_length), Tensor(last_index)]
+        else:
+            # mutable: a tuple of tensors is otherwise a constant of a compiled graph (as in `decode`).
+            def rows_of(tensors):
+                return tuple(tensor if batch == 1 else ops.tile(tensor, (batch, 1, 1, 1)) for tensor in tensors)
+            inputs += [prefix_mask(start, padded_length), Tensor(last_index), ms.mutable(rows_of(prefix.keys)),
+                       ms.mutable(rows_of(prefix.values))]
         run = self.prefill_step.compiled if self.compile_prefill else self.prefill_step.eager
-        logits, keys, values = run(Tensor(text_ids), image_features, Tensor(merge_index), Tensor(positions),
-                                   causal_mask(padded_length), Tensor(last_index))
+        logits, keys, values = run(*inputs)
         logits = logits.asnumpy()  # before the cache writes, as in `decode`
         if use_cache:
-            self.cache.write(self.cache.write_index(np.arange(batch) if rows is None else rows, positions), keys,
-                             values)
+            rows = np.arange(batch) if rows is None else rows
+            if prefix is not None:
+                self.cache.write_prefix(rows, prefix.keys, prefix.values)
+            self.cache.write(rows, np.full(batch, start), keys, values)
         return logits
+
+    def read_prefix(self, row, length):
+        """The first `length` positions of cache row `row` (a prompt prefilled there) as a Prefix that later
+        prompts can continue."""
+        keys, values = self.cache.read(row, length)
+        return Prefix(keys, values, length)
 
     def decode(self, tokens, positions):
         """One compiled step over the first len(tokens) cache rows: tokens [n] at positions [n] (each row's own)
@@ -165,5 +216,5 @@ class ModelRunner:
         # Wait for the step before queueing the cache writes: queued behind a running graph, MindSpore's op
         # launcher competes with it for the cores (a decode step ~1.5x slower; bench/RESULTS.md).
         logits = logits.asnumpy()
-        self.cache.write(self.cache.write_index(np.arange(rows), positions), keys, values)
+        self.cache.write(np.arange(rows), positions[:, 0], keys, values)
         return logits

@@ -3,16 +3,17 @@
 //   y[M, N] (float32) = x[M, K] (float32) @ W[N, K]^T,   W float32, float16 or bfloat16, stored [N, K]
 //                                                         (one contiguous row per output: HF's layout)
 //
-// Few rows (a decode step, M < m_large): our own kernels. Decode reads every weight once per step, so they
-// are bound by memory bandwidth: W is read row by row at its own width (16-bit W: half the bytes of
-// float32) and widened in registers; accumulation in float32.
+// Few rows (a decode step of fewer than m_large = 8 sequences): our own kernels. Decode reads every weight once
+// per step, so they are bound by memory bandwidth: W is read row by row at its own width (16-bit W: half the
+// bytes of float32) and widened in registers; accumulation in float32.
 //     avx512bf16  bfloat16 W and M >= 4 only: x rounded to bfloat16, vdpbf16ps (32 multiply-adds per
 //                 instruction); with fewer rows or other weights it is the avx512 path
 //     avx512      AVX-512 fp32 FMA          avx2  AVX2 + FMA + F16C          scalar  portable C++
-// Many rows (a prompt, M >= m_large): oneDNN's matmul, from the libdnnl.so.3 that MindSpore ships (dlopen'ed;
-// its C API is declared below), bound by arithmetic. 16-bit W on a CPU with bfloat16 arithmetic (AVX512-BF16
-// or AMX): x rounded to bfloat16, a bfloat16 W used in place, a float16 W converted 1024 rows at a time;
-// otherwise, and for float32 W, float32 arithmetic. Without oneDNN the decode kernels take every M.
+// More rows (a prompt, or a decode step of 8+ sequences: arithmetic starts to count): oneDNN's matmul, from
+// the libdnnl.so.3 that MindSpore ships (dlopen'ed; its C API is declared below), bound by arithmetic. 16-bit
+// W on a CPU with bfloat16 arithmetic (AVX512-BF16 or AMX): x rounded to bfloat16, a bfloat16 W used in place,
+// a float16 W converted 1024 rows at a time; otherwise, and for float32 W, float32 arithmetic. Without oneDNN
+// the decode kernels take every M.
 //
 // Around the multiplies, what a layer does between them, each in one pass over memory (MindSpore's CPU ops take
 // several, and each op of an op-by-op prompt costs its dispatch): bias and activation added as the product is
@@ -87,7 +88,7 @@ struct Settings {
   Cpu cpu;
   int small_path = SP_SCALAR;  // the best the CPU has, unless a test forces another
   int large_path = LP_ONEDNN;
-  int64_t m_large = 32;        // M >= m_large: the prompt path
+  int64_t m_large = 8;         // M >= m_large: oneDNN (from 8 rows on it beats the decode kernels: RESULTS.md)
   int bf16_dot_min_m = 4;      // avx512bf16 with bfloat16 W from this many rows on (below: widening is as fast)
   int nthreads = 1;
   int64_t onednn_chunk = 1024; // rows of a float16 W converted per oneDNN call
@@ -931,54 +932,130 @@ static void attention(const float* q, const float* k, const float* v, const floa
 
 // A decode step's attention: one new token per row after the rows' KV cache, each (row, head) a pass over its
 // cache: out = softmax([q k_cache^T, q k_new^T] * scale + [mask, 0]) [v_cache; v_new]. q, k_new, v_new [B,H,1,D];
-// k_cache, v_cache [B,H,L,D]; mask [B,1,1,L], 0 (visible) or a large negative (hidden), as everywhere here:
-// slots after a row's last visible one are not read, so a row at position p reads p slots, not the whole cache.
-T512 static float dot_512(const float* a, const float* b, int64_t n) {
+// k_cache, v_cache [B,H,L,D], float32 or float16 (CT: a 16-bit cache is half the bytes a step reads, widened in
+// registers); mask [B,1,1,L], 0 (visible) or a large negative (hidden), as everywhere here: slots after a row's
+// last visible one are not read, so a row at position p reads p slots, not the whole cache.
+template <typename CT> T512 AI __m512 load16_512(const CT* p, __mmask16 m) {
+  if constexpr (std::is_same_v<CT, float>) return _mm512_maskz_loadu_ps(m, p);
+  else return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+template <typename CT> T512 static float dot_512(const float* a, const CT* b, int64_t n) {
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), sum);
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), load16_512<CT>(b + i, m), sum);
   }
   return _mm512_reduce_add_ps(sum);
 }
-T512 static void axpy_512(float a, const float* x, float* y, int64_t n) {  // y += a x
+template <typename CT> T512 static void axpy_512(float a, const CT* x, float* y, int64_t n) {  // y += a x
   for (int64_t i = 0; i < n; i += 16) {
     __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_maskz_loadu_ps(m, x + i),
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(_mm512_set1_ps(a), load16_512<CT>(x + i, m),
                                                     _mm512_maskz_loadu_ps(m, y + i)));
   }
 }
-static float dot_any(const float* a, const float* b, int64_t n) {
+template <typename CT> static inline float widen(CT v) {
+  if constexpr (std::is_same_v<CT, float>) return v;
+  else return f16_to_f32(v);
+}
+template <typename CT> static float dot_any(const float* a, const CT* b, int64_t n) {
   float sum = 0.f;
-  for (int64_t i = 0; i < n; i++) sum += a[i] * b[i];
+  for (int64_t i = 0; i < n; i++) sum += a[i] * widen(b[i]);
   return sum;
 }
-static void axpy_any(float a, const float* x, float* y, int64_t n) { for (int64_t i = 0; i < n; i++) y[i] += a * x[i]; }
+template <typename CT> static void axpy_any(float a, const CT* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] += a * widen(x[i]);
+}
 
-static void attention_decode(const float* q, const float* k_new, const float* v_new, const float* k_cache,
-                             const float* v_cache, const float* mask, float scale, float* out, int64_t B, int64_t H,
+// The sums of 16 vectors' lanes, as one vector (sum of v[j] in lane j): three rounds of pairwise unpacks and
+// lane shuffles, instead of 16 full horizontal reductions.
+T512 static __m512 lane_sums16(const __m512* v) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; i++)  // per 128-bit lane: (a0+a2, b0+b2, a1+a3, b1+b3) of the pair (a, b)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; i++) {  // per 128-bit lane: the four vectors' sums over that lane
+    __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// One (row, head) of a decode step with AVX-512 and D = 16 C: q (scaled once) in C registers, the scores of 16
+// cached keys per lane_sums16, the weighted sum of the values in C registers (the per-slot loops of the generic
+// path reduce each score and load and store the output row: ~2x slower at 16 rows of 620 positions).
+template <typename CT, int C> T512 AI __m512 lane_products(const __m512* q, const CT* k) {  // q . k, lane by lane
+  __m512 a = _mm512_mul_ps(q[0], load16_512<CT>(k, 0xffff));
+  for (int c = 1; c < C; c++) a = _mm512_fmadd_ps(q[c], load16_512<CT>(k + 16 * c, 0xffff), a);
+  return a;
+}
+
+template <typename CT, int C>
+T512 static void attention_decode_head_512(const float* qi, const CT* keys, const CT* values, const float* k_own,
+                                           const float* v_own, const float* mask_row, int64_t n, float scale,
+                                           float* s, float* oi) {
+  __m512 q[C];
+  for (int c = 0; c < C; c++) q[c] = _mm512_mul_ps(_mm512_loadu_ps(qi + 16 * c), _mm512_set1_ps(scale));
+  int64_t l = 0;
+  for (; l + 16 <= n; l += 16) {
+    __m512 block[16];
+    for (int j = 0; j < 16; j++) block[j] = lane_products<CT, C>(q, keys + (l + j) * 16 * C);
+    _mm512_storeu_ps(s + l, _mm512_add_ps(lane_sums16(block), _mm512_loadu_ps(mask_row + l)));
+  }
+  for (; l < n; l++) s[l] = _mm512_reduce_add_ps(lane_products<CT, C>(q, keys + l * 16 * C)) + mask_row[l];
+  __m512 own = _mm512_mul_ps(q[0], _mm512_loadu_ps(k_own));
+  for (int c = 1; c < C; c++) own = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(k_own + 16 * c), own);
+  s[n] = _mm512_reduce_add_ps(own);
+  softmax_row_512(s, nullptr, n + 1, 1.f);
+  __m512 o[C];
+  for (int c = 0; c < C; c++) o[c] = _mm512_mul_ps(_mm512_set1_ps(s[n]), _mm512_loadu_ps(v_own + 16 * c));
+  for (l = 0; l < n; l++) {
+    if (s[l] == 0.f) continue;  // hidden slots (exp flushed to 0) cost no pass over their values
+    __m512 p = _mm512_set1_ps(s[l]);
+    for (int c = 0; c < C; c++) o[c] = _mm512_fmadd_ps(p, load16_512<CT>(values + l * 16 * C + 16 * c, 0xffff), o[c]);
+  }
+  for (int c = 0; c < C; c++) _mm512_storeu_ps(oi + 16 * c, o[c]);
+}
+
+template <typename CT>
+static void attention_decode(const float* q, const float* k_new, const float* v_new, const CT* k_cache,
+                             const CT* v_cache, const float* mask, float scale, float* out, int64_t B, int64_t H,
                              int64_t L, int64_t D) {
   bool wide = best_small_path_up_to(g.small_path) >= SP_AVX512;  // forced down to scalar in tests
+  using Head = void (*)(const float*, const CT*, const CT*, const float*, const float*, const float*, int64_t, float,
+                        float*, float*);
+  Head head = !wide ? nullptr : D == 16 ? attention_decode_head_512<CT, 1> : D == 32 ? attention_decode_head_512<CT, 2>
+            : D == 64 ? attention_decode_head_512<CT, 4> : D == 128 ? attention_decode_head_512<CT, 8> : nullptr;
   parallel_for((int)(B * H), [&](int i) {
     const float* mask_row = mask + (i / H) * L;
     int64_t n = L;
     while (n > 0 && mask_row[n - 1] != 0.f) n--;
     static thread_local std::vector<float> s;
     s.resize(std::max(s.size(), (size_t)(n + 1)));
-    const float *qi = q + i * D, *keys = k_cache + i * L * D, *values = v_cache + i * L * D;
+    const float* qi = q + i * D;
+    const CT *keys = k_cache + i * L * D, *values = v_cache + i * L * D;
+    float* oi = out + i * D;
+    if (head) {
+      head(qi, keys, values, k_new + i * D, v_new + i * D, mask_row, n, scale, s.data(), oi);
+      return;
+    }
     for (int64_t l = 0; l < n; l++)
-      s[l] = (wide ? dot_512(qi, keys + l * D, D) : dot_any(qi, keys + l * D, D)) * scale + mask_row[l];
-    s[n] = (wide ? dot_512(qi, k_new + i * D, D) : dot_any(qi, k_new + i * D, D)) * scale;
+      s[l] = (wide ? dot_512<CT>(qi, keys + l * D, D) : dot_any<CT>(qi, keys + l * D, D)) * scale + mask_row[l];
+    s[n] = (wide ? dot_512<float>(qi, k_new + i * D, D) : dot_any<float>(qi, k_new + i * D, D)) * scale;
     if (wide) softmax_row_512(s.data(), nullptr, n + 1, 1.f);
     else softmax_row_any(s.data(), nullptr, n + 1, 1.f);
-    float* oi = out + i * D;
     memset(oi, 0, sizeof(float) * D);
-    for (int64_t l = 0; l <= n; l++) {
-      const float* v = l < n ? values + l * D : v_new + i * D;
+    for (int64_t l = 0; l < n; l++) {
       if (s[l] == 0.f) continue;  // hidden slots (exp flushed to 0) cost no pass over their values
-      if (wide) axpy_512(s[l], v, oi, D);
-      else axpy_any(s[l], v, oi, D);
+      if (wide) axpy_512<CT>(s[l], values + l * D, oi, D);
+      else axpy_any<CT>(s[l], values + l * D, oi, D);
     }
+    if (wide) axpy_512<float>(s[n], v_new + i * D, oi, D);
+    else axpy_any<float>(s[n], v_new + i * D, oi, D);
   });
 }
 
@@ -1103,17 +1180,25 @@ LLAVA_OP(LlavaSelfAttention) {
   return 0;
 }
 
-// attention_decode: q, k_new, v_new float32 [B, H, 1, D], k_cache, v_cache [B, H, L, D], mask [B, 1, 1, L],
-// scale [1] -> out [B, H, 1, D].
+// attention_decode: q, k_new, v_new float32 [B, H, 1, D], k_cache, v_cache [B, H, L, D] (both float32 or both
+// float16), mask [B, 1, 1, L], scale [1] -> out [B, H, 1, D].
 LLAVA_OP(LlavaAttentionDecode) {
   if (nparam != 8 || ndims[0] != 4 || ndims[3] != 4 || ndims[5] != 4) return 1;
-  for (int i = 0; i < 8; i++) if (strcmp(dtypes[i], "float32")) return 1;
+  for (int i : {0, 1, 2, 5, 6, 7}) if (strcmp(dtypes[i], "float32")) return 1;
+  bool half = !strcmp(dtypes[3], "float16");
+  if (strcmp(dtypes[3], dtypes[4]) || (!half && strcmp(dtypes[3], "float32"))) return 1;
   const int64_t *qs = shapes[0], *cs = shapes[3];
   if (qs[2] != 1 || cs[0] != qs[0] || cs[1] != qs[1] || cs[3] != qs[3] || shapes[5][3] != cs[2]) return 2;
   ensure_init();
-  attention_decode((const float*)params[0], (const float*)params[1], (const float*)params[2], (const float*)params[3],
-                   (const float*)params[4], (const float*)params[5], *(const float*)params[6], (float*)params[7],
-                   qs[0], qs[1], cs[2], qs[3]);
+  const float *q = (const float*)params[0], *k = (const float*)params[1], *v = (const float*)params[2];
+  const float* mask = (const float*)params[5];
+  float scale = *(const float*)params[6];
+  if (half)
+    attention_decode<uint16_t>(q, k, v, (const uint16_t*)params[3], (const uint16_t*)params[4], mask, scale,
+                               (float*)params[7], qs[0], qs[1], cs[2], qs[3]);
+  else
+    attention_decode<float>(q, k, v, (const float*)params[3], (const float*)params[4], mask, scale,
+                            (float*)params[7], qs[0], qs[1], cs[2], qs[3]);
   return 0;
 }
 
@@ -1217,6 +1302,12 @@ int llava_configure(const char* small, const char* large, int64_t m_large) {
   }
   if (m_large >= 0) g.m_large = m_large;
   return 0;
+}
+
+// The row count from which products take the prompt path (oneDNN), as configured.
+int64_t llava_prompt_rows() {
+  ensure_init();
+  return g.m_large;
 }
 
 // Back to the paths chosen at load (after llava_configure).
