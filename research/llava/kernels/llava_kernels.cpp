@@ -342,8 +342,8 @@ T512 static void tile_512(const float* x, const Elem<WT>* w, int64_t K, float* y
     __m512 xv[MR];
     for (int m = 0; m < MR; m++) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
     // 16-bit W: the NR rows are NR short streams (2 KB each for K = 1024) that the hardware prefetchers pick up
-    // too late; fetching 2 KB ahead in each took a decode step from DRAM-cold weights ~25% faster. float32 W
-    // ran slower with it (bench/RESULTS.md, kernels).
+    // too late; fetching 2 KB ahead in each made one sequence's decode step from DRAM-cold weights ~25% faster
+    // when it went through these tiles (bench/RESULTS.md, kernels). float32 W ran slower with it.
     if constexpr (WT != WT_F32)
       if ((k & 31) == 0)
         for (int r = 0; r < NR; r++) _mm_prefetch((const char*)(w + r * K + k) + 2048, _MM_HINT_T0);
@@ -367,11 +367,33 @@ T512 static void all_m_512(const float* x, int64_t M, const Elem<WT>* w, int64_t
   }
 }
 
+// One sequence (M = 1): W's rows one after the other, 64 values per step in four accumulators. Each thread then
+// reads one sequential stream, which the hardware prefetchers follow at the full read bandwidth; NR rows read
+// side by side are NR short streams, ~20% slower from DRAM (bench/RESULTS.md, kernels).
+template <int WT> T512 static float row_dot_512(const float* x, const Elem<WT>* w, int64_t K) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), load16<WT>(w + k, 0xffff), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), load16<WT>(w + k + 16, 0xffff), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), load16<WT>(w + k + 32, 0xffff), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), load16<WT>(w + k + 48, 0xffff), a3);
+  }
+  for (; k < K; k += 16) {
+    __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + k), load16<WT>(w + k, mask), a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
 template <int WT>
 T512 static void rows_512(const float* x, int64_t M, const Elem<WT>* w, int64_t K, float* y, int64_t N, int64_t n0,
                           int64_t n1) {
   int64_t n = n0;
-  if (M == 1) for (; n + 8 <= n1; n += 8) tile_512<WT, 8, 1>(x, w + n * K, K, y + n, N);
+  if (M == 1) {
+    for (; n < n1; n++) y[n] = row_dot_512<WT>(x, w + n * K, K);
+    return;
+  }
   for (; n + 4 <= n1; n += 4) all_m_512<WT, 4>(x, M, w + n * K, K, y + n, N);
   for (; n < n1; n++) all_m_512<WT, 1>(x, M, w + n * K, K, y + n, N);
 }
@@ -932,39 +954,31 @@ static void attention(const float* q, const float* k, const float* v, const floa
 
 // A decode step's attention: one new token per row after the rows' KV cache, each (row, head) a pass over its
 // cache: out = softmax([q k_cache^T, q k_new^T] * scale + [mask, 0]) [v_cache; v_new]. q, k_new, v_new [B,H,1,D];
-// k_cache, v_cache [B,H,L,D], float32 or float16 (CT: a 16-bit cache is half the bytes a step reads, widened in
+// k_cache, v_cache [B,H,L,D], float32 or float16 (WT: a 16-bit cache is half the bytes a step reads, widened in
 // registers); mask [B,1,1,L], 0 (visible) or a large negative (hidden), as everywhere here: slots after a row's
 // last visible one are not read, so a row at position p reads p slots, not the whole cache.
-template <typename CT> T512 AI __m512 load16_512(const CT* p, __mmask16 m) {
-  if constexpr (std::is_same_v<CT, float>) return _mm512_maskz_loadu_ps(m, p);
-  else return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-template <typename CT> T512 static float dot_512(const float* a, const CT* b, int64_t n) {
+template <int WT> T512 static float dot_512(const float* a, const Elem<WT>* b, int64_t n) {
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), load16_512<CT>(b + i, m), sum);
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), load16<WT>(b + i, m), sum);
   }
   return _mm512_reduce_add_ps(sum);
 }
-template <typename CT> T512 static void axpy_512(float a, const CT* x, float* y, int64_t n) {  // y += a x
+template <int WT> T512 static void axpy_512(float a, const Elem<WT>* x, float* y, int64_t n) {  // y += a x
   for (int64_t i = 0; i < n; i += 16) {
     __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(_mm512_set1_ps(a), load16_512<CT>(x + i, m),
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(_mm512_set1_ps(a), load16<WT>(x + i, m),
                                                     _mm512_maskz_loadu_ps(m, y + i)));
   }
 }
-template <typename CT> static inline float widen(CT v) {
-  if constexpr (std::is_same_v<CT, float>) return v;
-  else return f16_to_f32(v);
-}
-template <typename CT> static float dot_any(const float* a, const CT* b, int64_t n) {
+template <int WT> static float dot_any(const float* a, const Elem<WT>* b, int64_t n) {
   float sum = 0.f;
-  for (int64_t i = 0; i < n; i++) sum += a[i] * widen(b[i]);
+  for (int64_t i = 0; i < n; i++) sum += a[i] * to_f32<WT>(b[i]);
   return sum;
 }
-template <typename CT> static void axpy_any(float a, const CT* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; i++) y[i] += a * widen(x[i]);
+template <int WT> static void axpy_any(float a, const Elem<WT>* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i++) y[i] += a * to_f32<WT>(x[i]);
 }
 
 // The sums of 16 vectors' lanes, as one vector (sum of v[j] in lane j): three rounds of pairwise unpacks and
@@ -988,14 +1002,15 @@ T512 static __m512 lane_sums16(const __m512* v) {
 // One (row, head) of a decode step with AVX-512 and D = 16 C: q (scaled once) in C registers, the scores of 16
 // cached keys per lane_sums16, the weighted sum of the values in C registers (the per-slot loops of the generic
 // path reduce each score and load and store the output row: ~2x slower at 16 rows of 620 positions).
-template <typename CT, int C> T512 AI __m512 lane_products(const __m512* q, const CT* k) {  // q . k, lane by lane
-  __m512 a = _mm512_mul_ps(q[0], load16_512<CT>(k, 0xffff));
-  for (int c = 1; c < C; c++) a = _mm512_fmadd_ps(q[c], load16_512<CT>(k + 16 * c, 0xffff), a);
+template <int WT, int C> T512 AI __m512 lane_products(const __m512* q, const Elem<WT>* k) {  // q . k, by lane
+  __m512 a = _mm512_mul_ps(q[0], load16<WT>(k, 0xffff));
+  for (int c = 1; c < C; c++) a = _mm512_fmadd_ps(q[c], load16<WT>(k + 16 * c, 0xffff), a);
   return a;
 }
 
-template <typename CT, int C>
-T512 static void attention_decode_head_512(const float* qi, const CT* keys, const CT* values, const float* k_own,
+template <int WT, int C>
+T512 static void attention_decode_head_512(const float* qi, const Elem<WT>* keys, const Elem<WT>* values,
+                                           const float* k_own,
                                            const float* v_own, const float* mask_row, int64_t n, float scale,
                                            float* s, float* oi) {
   __m512 q[C];
@@ -1003,10 +1018,10 @@ T512 static void attention_decode_head_512(const float* qi, const CT* keys, cons
   int64_t l = 0;
   for (; l + 16 <= n; l += 16) {
     __m512 block[16];
-    for (int j = 0; j < 16; j++) block[j] = lane_products<CT, C>(q, keys + (l + j) * 16 * C);
+    for (int j = 0; j < 16; j++) block[j] = lane_products<WT, C>(q, keys + (l + j) * 16 * C);
     _mm512_storeu_ps(s + l, _mm512_add_ps(lane_sums16(block), _mm512_loadu_ps(mask_row + l)));
   }
-  for (; l < n; l++) s[l] = _mm512_reduce_add_ps(lane_products<CT, C>(q, keys + l * 16 * C)) + mask_row[l];
+  for (; l < n; l++) s[l] = _mm512_reduce_add_ps(lane_products<WT, C>(q, keys + l * 16 * C)) + mask_row[l];
   __m512 own = _mm512_mul_ps(q[0], _mm512_loadu_ps(k_own));
   for (int c = 1; c < C; c++) own = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(k_own + 16 * c), own);
   s[n] = _mm512_reduce_add_ps(own);
@@ -1016,20 +1031,20 @@ T512 static void attention_decode_head_512(const float* qi, const CT* keys, cons
   for (l = 0; l < n; l++) {
     if (s[l] == 0.f) continue;  // hidden slots (exp flushed to 0) cost no pass over their values
     __m512 p = _mm512_set1_ps(s[l]);
-    for (int c = 0; c < C; c++) o[c] = _mm512_fmadd_ps(p, load16_512<CT>(values + l * 16 * C + 16 * c, 0xffff), o[c]);
+    for (int c = 0; c < C; c++) o[c] = _mm512_fmadd_ps(p, load16<WT>(values + l * 16 * C + 16 * c, 0xffff), o[c]);
   }
   for (int c = 0; c < C; c++) _mm512_storeu_ps(oi + 16 * c, o[c]);
 }
 
-template <typename CT>
-static void attention_decode(const float* q, const float* k_new, const float* v_new, const CT* k_cache,
-                             const CT* v_cache, const float* mask, float scale, float* out, int64_t B, int64_t H,
+template <int WT>
+static void attention_decode(const float* q, const float* k_new, const float* v_new, const Elem<WT>* k_cache,
+                             const Elem<WT>* v_cache, const float* mask, float scale, float* out, int64_t B, int64_t H,
                              int64_t L, int64_t D) {
   bool wide = best_small_path_up_to(g.small_path) >= SP_AVX512;  // forced down to scalar in tests
-  using Head = void (*)(const float*, const CT*, const CT*, const float*, const float*, const float*, int64_t, float,
-                        float*, float*);
-  Head head = !wide ? nullptr : D == 16 ? attention_decode_head_512<CT, 1> : D == 32 ? attention_decode_head_512<CT, 2>
-            : D == 64 ? attention_decode_head_512<CT, 4> : D == 128 ? attention_decode_head_512<CT, 8> : nullptr;
+  using Head = void (*)(const float*, const Elem<WT>*, const Elem<WT>*, const float*, const float*, const float*,
+                        int64_t, float, float*, float*);
+  Head head = !wide ? nullptr : D == 16 ? attention_decode_head_512<WT, 1> : D == 32 ? attention_decode_head_512<WT, 2>
+            : D == 64 ? attention_decode_head_512<WT, 4> : D == 128 ? attention_decode_head_512<WT, 8> : nullptr;
   parallel_for((int)(B * H), [&](int i) {
     const float* mask_row = mask + (i / H) * L;
     int64_t n = L;
@@ -1037,25 +1052,25 @@ static void attention_decode(const float* q, const float* k_new, const float* v_
     static thread_local std::vector<float> s;
     s.resize(std::max(s.size(), (size_t)(n + 1)));
     const float* qi = q + i * D;
-    const CT *keys = k_cache + i * L * D, *values = v_cache + i * L * D;
+    const Elem<WT> *keys = k_cache + i * L * D, *values = v_cache + i * L * D;
     float* oi = out + i * D;
     if (head) {
       head(qi, keys, values, k_new + i * D, v_new + i * D, mask_row, n, scale, s.data(), oi);
       return;
     }
     for (int64_t l = 0; l < n; l++)
-      s[l] = (wide ? dot_512<CT>(qi, keys + l * D, D) : dot_any<CT>(qi, keys + l * D, D)) * scale + mask_row[l];
-    s[n] = (wide ? dot_512<float>(qi, k_new + i * D, D) : dot_any<float>(qi, k_new + i * D, D)) * scale;
+      s[l] = (wide ? dot_512<WT>(qi, keys + l * D, D) : dot_any<WT>(qi, keys + l * D, D)) * scale + mask_row[l];
+    s[n] = (wide ? dot_512<WT_F32>(qi, k_new + i * D, D) : dot_any<WT_F32>(qi, k_new + i * D, D)) * scale;
     if (wide) softmax_row_512(s.data(), nullptr, n + 1, 1.f);
     else softmax_row_any(s.data(), nullptr, n + 1, 1.f);
     memset(oi, 0, sizeof(float) * D);
     for (int64_t l = 0; l < n; l++) {
       if (s[l] == 0.f) continue;  // hidden slots (exp flushed to 0) cost no pass over their values
-      if (wide) axpy_512<CT>(s[l], values + l * D, oi, D);
-      else axpy_any<CT>(s[l], values + l * D, oi, D);
+      if (wide) axpy_512<WT>(s[l], values + l * D, oi, D);
+      else axpy_any<WT>(s[l], values + l * D, oi, D);
     }
-    if (wide) axpy_512<float>(s[n], v_new + i * D, oi, D);
-    else axpy_any<float>(s[n], v_new + i * D, oi, D);
+    if (wide) axpy_512<WT_F32>(s[n], v_new + i * D, oi, D);
+    else axpy_any<WT_F32>(s[n], v_new + i * D, oi, D);
   });
 }
 
@@ -1194,11 +1209,11 @@ LLAVA_OP(LlavaAttentionDecode) {
   const float* mask = (const float*)params[5];
   float scale = *(const float*)params[6];
   if (half)
-    attention_decode<uint16_t>(q, k, v, (const uint16_t*)params[3], (const uint16_t*)params[4], mask, scale,
-                               (float*)params[7], qs[0], qs[1], cs[2], qs[3]);
+    attention_decode<WT_F16>(q, k, v, (const uint16_t*)params[3], (const uint16_t*)params[4], mask, scale,
+                             (float*)params[7], qs[0], qs[1], cs[2], qs[3]);
   else
-    attention_decode<float>(q, k, v, (const float*)params[3], (const float*)params[4], mask, scale,
-                            (float*)params[7], qs[0], qs[1], cs[2], qs[3]);
+    attention_decode<WT_F32>(q, k, v, (const float*)params[3], (const float*)params[4], mask, scale,
+                             (float*)params[7], qs[0], qs[1], cs[2], qs[3]);
   return 0;
 }
 
