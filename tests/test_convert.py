@@ -25,7 +25,7 @@ from convert_weight import convert_llava, main
 from hf_reference import TINY_CONFIGS, VOCAB_SIZE, make_hf_llava, save_hf_checkpoint
 import llava_checkpoint
 from llava_checkpoint import (METADATA_NAME, CheckpointError, CheckpointWriter, SafetensorsFile, checkpoint_metadata,
-                              iter_checkpoint)
+                              iter_checkpoint, read_ahead)
 from llava_config import LlavaConfig, architecture, config_from_hf
 from llava_layout import LAYOUT_VERSION, checkpoint_layout
 from llava_weights import resolve_weights_file
@@ -317,6 +317,27 @@ def test_truncated_safetensors(hub_dir, tmp_path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 100)
     convert_fails(hub_dir, tmp_path, "model.safetensors is not a readable safetensors file")
+
+
+def test_read_ahead_gives_each_tensor_and_asks_the_disk_for_the_next_first(tmp_path, monkeypatch):
+    from safetensors.numpy import save_file
+    arrays = {"a": np.arange(12, dtype=np.float32).reshape(4, 3), "b": np.ones((2, 5), np.float16)}
+    for name, array in arrays.items():
+        save_file({name: array}, str(tmp_path / f"{name}.safetensors"))
+    files = {name: SafetensorsFile(str(tmp_path / f"{name}.safetensors")) for name in arrays}
+    events, original = [], SafetensorsFile.prefetch
+
+    def prefetch(file, name, rows=None):
+        events.append(("prefetch", name, rows))
+        original(file, name, rows)
+    monkeypatch.setattr(SafetensorsFile, "prefetch", prefetch)
+    requests = [(files["a"], "a", slice(1, 3)), (files["b"], "b", None), (files["a"], "a", None)]
+    for (_, name, rows), array in zip(requests, read_ahead(requests)):
+        events.append(("got", name, rows))
+        expected = arrays[name] if rows is None else arrays[name][rows]
+        assert array.dtype == expected.dtype and np.array_equal(array, expected)
+    assert events == [("prefetch", "b", None), ("got", "a", slice(1, 3)), ("prefetch", "a", None), ("got", "b", None),
+                      ("got", "a", None)]
 
 
 def test_non_finite_weights_are_named(hub_dir, tmp_path):

@@ -27,7 +27,7 @@ import numpy as np
 
 import llava_kernels
 from llava_checkpoint import (CheckpointError, CheckpointWriter, SafetensorsFile, check_complete, check_tensor,
-                              checkpoint_metadata, float_to_bfloat16_bits, iter_checkpoint)
+                              checkpoint_metadata, float_to_bfloat16_bits, iter_checkpoint, read_ahead)
 from llava_config import architecture, config_from_hf
 from llava_layout import (LAYOUT_VERSION, checkpoint_layout, our_name, shard, shard_shape, split_axis,
                           split_hf_name, stored_from_hf, stored_shape_from_hf)
@@ -149,13 +149,17 @@ class HFFolder:
 
     def tensors(self, config, rank=0, size=1):
         """Yield (name, this rank's slice in our stored layout), checked against `config`'s model."""
-        for name, file, hf_name in self.plan(config)[0]:
-            axis = split_axis(name) if size > 1 else None
-            if axis == 0:  # this rank's rows: one contiguous range of the file
-                rows = file.tensors[hf_name][1][0] // size
-                array = file.read(hf_name, slice(rank * rows, (rank + 1) * rows))
-            else:
-                array = shard(name, file.read(hf_name), rank, size)
+        plan = self.plan(config)[0]
+        requests = []
+        for name, file, hf_name in plan:
+            rows = None
+            if size > 1 and split_axis(name) == 0:  # this rank's rows: one contiguous range of the file
+                count = file.tensors[hf_name][1][0] // size
+                rows = slice(rank * count, (rank + 1) * count)
+            requests.append((file, hf_name, rows))
+        for (name, _, _), (_, _, rows), array in zip(plan, requests, read_ahead(requests)):
+            if rows is None:
+                array = shard(name, array, rank, size)
             yield name, stored_from_hf(name, _as_float(array))
 
 
@@ -196,8 +200,10 @@ class WeightsFile:
         if self._safetensors is None:
             yield from iter_checkpoint(self.path)
         else:
-            for name in self._safetensors.tensors:
-                yield name, _as_float(self._safetensors.read(name))
+            names = list(self._safetensors.tensors)
+            arrays = read_ahead((self._safetensors, name, None) for name in names)
+            for name, array in zip(names, arrays):
+                yield name, _as_float(array)
 
     def tensors(self, layout, rank=0, size=1):
         """Yield (name, this rank's slice), checking names and shapes against `layout` (the full model's when
