@@ -53,8 +53,8 @@ def free_port():
 def live_server(tmp_path_factory):
     """serve.py with the bundled tiny model on 127.0.0.1 (a free port), as a user starts it: 4 cache rows (16
     clients must queue), an image cache of 30 KB (six of the tiny model's pictures) and a prefix cache of 200 KB
-    (five prompts through a picture): eviction is reachable; local files allowed under a media directory. Yields {"url", "media", "log"}; stopped with Ctrl-C (SIGINT)
-    at the end, which must exit 0."""
+    (five prompts through a picture): eviction is reachable; local files allowed under a media directory.
+    Yields {"url", "media", "log"}; stopped with Ctrl-C (SIGINT) at the end, which must exit 0."""
     import signal
     import subprocess
     import time

@@ -179,21 +179,43 @@ def test_norms():
 
 
 @ms.jit
-def compiled_attention(q, k, v, mask, scale):
-    return llava_kernels.ATTENTION(q, k, v, mask, scale) * 1.0
+def compiled_attention(q, k, v, mask, scale, half):
+    return llava_kernels.ATTENTION(q, k, v, mask, scale, half) * 1.0
 
 
 @ms.jit
-def compiled_self_attention(q, k, v, heads, scale):
-    return llava_kernels.SELF_ATTENTION(q, k, v, heads, scale) * 1.0
+def compiled_self_attention(q, k, v, heads, scale, half):
+    return llava_kernels.SELF_ATTENTION(q, k, v, heads, scale, half) * 1.0
 
 
-def reference_attention(q, k, v, mask, scale):
-    scores = np.einsum("bhtd,bhld->bhtl", q.astype(np.float64), k.astype(np.float64)) * scale
+def bfloat16_math():
+    """Whether the prompt path has bfloat16 products here (a CPU with bfloat16 arithmetic, oneDNN, not forced to
+    the decode kernels): else the attention's `half` flag keeps float32 too."""
+    return "bfloat16 on" in llava_kernels.describe()
+
+
+def rounded(x, half):
+    """x as the kernels' bfloat16 products see it (half and a CPU with bfloat16 arithmetic), else as it is."""
+    return as_float64(bfloat16_bits(x)) if half and bfloat16_math() else np.asarray(x, np.float64)
+
+
+def reference_attention(q, k, v, mask, scale, half=False):
+    """float64, with q, k, v and the probabilities rounded as `half` products round them."""
+    scores = np.einsum("bhtd,bhld->bhtl", rounded(q, half), rounded(k, half)) * scale
     if mask is not None:
         scores = scores + mask
     scores = np.exp(scores - scores.max(-1, keepdims=True))
-    return np.einsum("bhtl,bhld->bhtd", scores / scores.sum(-1, keepdims=True), v.astype(np.float64))
+    probs = rounded((scores / scores.sum(-1, keepdims=True)).astype(np.float32), half)
+    return np.einsum("bhtl,bhld->bhtd", probs, rounded(v, half))
+
+
+def check_attention(out, q, k, v, mask, scale, half, layout=lambda x: x):
+    """`out` is the reference (layout: to the op's output layout); half products: not float32's. (A probability
+    at a rounding boundary may round the other way in float32 than in float64: 1 bfloat16 ulp, ~1e-4 here.)"""
+    np.testing.assert_allclose(out, layout(reference_attention(q, k, v, mask, scale, half)), rtol=1e-3 if half else
+                               1e-4, atol=5e-4 if half else 1e-5)
+    if half and bfloat16_math():
+        assert np.abs(out - layout(reference_attention(q, k, v, mask, scale))).max() > 5e-4
 
 
 def heads_major(x, heads):
@@ -204,16 +226,18 @@ def heads_major(x, heads):
 
 @pytest.mark.parametrize("shape", [(1, 4, 17, 16), (2, 3, 9, 5), (1, 16, 577, 64)])  # the last: CLIP ViT-L/14-336
 @pytest.mark.parametrize("compiled", [False, True], ids=["pynative", "graph"])
-def test_self_attention_splits_heads_by_strides(shape, compiled):
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "bfloat16"])
+def test_self_attention_splits_heads_by_strides(shape, compiled, half):
     """The vision tower's attention: q, k, v [B, T, H*D] as the projections write them, out in the same layout."""
     batch, heads, length, dim = shape
     rng = np.random.default_rng(list(shape))
     q, k, v = (rng.standard_normal((batch, length, heads * dim)).astype(np.float32) for _ in range(3))
     scale = dim ** -0.5
     op = compiled_self_attention if compiled else llava_kernels.SELF_ATTENTION
-    out = op(tensor(q), tensor(k), tensor(v), Tensor([heads], ms.int32), Tensor([scale], ms.float32)).asnumpy()
-    expected = reference_attention(heads_major(q, heads), heads_major(k, heads), heads_major(v, heads), None, scale)
-    np.testing.assert_allclose(out, expected.transpose(0, 2, 1, 3).reshape(out.shape), rtol=1e-4, atol=1e-5)
+    out = op(tensor(q), tensor(k), tensor(v), Tensor([heads], ms.int32), Tensor([scale], ms.float32),
+             Tensor([int(half)], ms.int32)).asnumpy()
+    check_attention(out, heads_major(q, heads), heads_major(k, heads), heads_major(v, heads), None, scale, half,
+                    layout=lambda x: x.transpose(0, 2, 1, 3).reshape(out.shape))
 
 
 @pytest.mark.parametrize("shape, mask_shape", [
@@ -223,7 +247,8 @@ def test_self_attention_splits_heads_by_strides(shape, compiled):
     ((1, 32, 600, 600, 128), (1, 1, 600, 600)),  # a 7B prompt: heads in groups
 ])
 @pytest.mark.parametrize("compiled", [False, True], ids=["pynative", "graph"])
-def test_attention(shape, mask_shape, compiled):
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "bfloat16"])
+def test_attention(shape, mask_shape, compiled, half):
     batch, heads, queries, keys, dim = shape
     rng = np.random.default_rng(list(shape))
     q = rng.standard_normal((batch, heads, queries, dim)).astype(np.float32)
@@ -233,8 +258,9 @@ def test_attention(shape, mask_shape, compiled):
     mask[..., 0] = 0.0  # every query sees something
     scale = dim ** -0.5
     op = compiled_attention if compiled else llava_kernels.ATTENTION
-    out = op(tensor(q), tensor(k), tensor(v), tensor(mask), Tensor([scale], ms.float32)).asnumpy()
-    np.testing.assert_allclose(out, reference_attention(q, k, v, mask, scale), rtol=1e-4, atol=1e-5)
+    out = op(tensor(q), tensor(k), tensor(v), tensor(mask), Tensor([scale], ms.float32),
+             Tensor([int(half)], ms.int32)).asnumpy()
+    check_attention(out, q, k, v, mask, scale, half)
 
 
 @ms.jit

@@ -121,8 +121,10 @@ else:
     SWIGLU = _op("LlavaSwiGLU", _rows_of_weight)            # (x, W_gate, W_up) -> silu(x Wg^T) * x Wu^T
     LAYER_NORM = _op("LlavaLayerNorm", _like_first)         # (x [..., C], weight, bias, eps [1])
     RMS_NORM = _op("LlavaRMSNorm", _like_first)             # (x [..., C], weight, eps [1])
-    ATTENTION = _op("LlavaAttention", _like_first)          # (q [B,H,T,D], k, v [B,H,L,D], mask [B|1,H|1,T,L], scale [1])
-    # (q, k, v [B,T,H*D], heads int32 [1], scale [1]) -> [B,T,H*D]: every token sees every token, heads split inside
+    # (q [B,H,T,D], k, v [B,H,L,D], mask [B|1,H|1,T,L], scale [1], half int32 [1]: bfloat16 products)
+    ATTENTION = _op("LlavaAttention", _like_first)
+    # (q, k, v [B,T,H*D], heads int32 [1], scale [1], half int32 [1]) -> [B,T,H*D]: every token sees every token,
+    # heads split inside
     SELF_ATTENTION = _op("LlavaSelfAttention", _like_first)
     # (q, k_new, v_new [B,H,1,D], k_cache, v_cache [B,H,L,D] float32 or float16, mask [B,1,1,L], scale [1]):
     # one token after a cache

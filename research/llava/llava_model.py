@@ -40,25 +40,32 @@ def mindspore_dtype(name):
 class Precision:
     """compute: the dtype matmuls run in; weights: the dtype matrices (linear weights, embedding tables) are
     stored in; kernels: matmuls through llava_kernels (CPU: float32 activations, weights read at their own
-    width) instead of MindSpore's MatMul; cache: the KV cache's dtype. Vectors (norm weights, biases, the class
-    token) are stored and used in float32, as the norms and the softmax always compute in float32.
+    width) instead of MindSpore's MatMul. Vectors (norm weights, biases, the class token) are stored and used in
+    float32, as the norms and the softmax always compute in float32.
 
-    With the kernels and 16-bit weights the KV cache is float16: a decode step reads every cached key and value
-    (16 rows of 620 positions of the 474M bench model: as many bytes as its weights), and the cache then holds
-    twice the tokens; the kernels widen it to float32 as they read it. Otherwise it is in `compute`."""
+    With the kernels and 16-bit weights (`half_kernels`) the prompts' products round their inputs to bfloat16
+    where the CPU has bfloat16 arithmetic, attention's included, as HF's bf16 does; and the KV cache is float16:
+    a decode step reads every cached key and value (16 rows of 620 positions of the 474M bench model: as many
+    bytes as its weights), and the cache holds twice the tokens; the kernels widen it as they read it."""
 
     compute: object = ms.float32
     weights: object = ms.float32
     kernels: bool = False
-    cache: object = ms.float32
 
     @classmethod
     def of(cls, config):
         kernels = (config.cpu_kernels and ms.get_context("device_target") == "CPU" and llava_kernels.available())
         compute = ms.float32 if kernels else mindspore_dtype(config.compute_dtype)
-        weights = mindspore_dtype(config.param_init_type)
-        cache = ms.float16 if kernels and weights in (ms.float16, ms.bfloat16) else compute
-        return cls(compute, weights, kernels, cache)
+        return cls(compute, mindspore_dtype(config.param_init_type), kernels)
+
+    @property
+    def half_kernels(self):
+        return self.kernels and self.weights in (ms.float16, ms.bfloat16)
+
+    @property
+    def cache(self):
+        """The KV cache's dtype."""
+        return ms.float16 if self.half_kernels else self.compute
 
 
 FLOAT32 = Precision()
@@ -225,6 +232,7 @@ class Attention(nn.Cell):
         self.kernel = precision.kernels
         self.scale = head_dim ** -0.5
         self.scale_tensor = Tensor([self.scale], ms.float32)
+        self.half_products = Tensor([int(precision.half_kernels)], ms.int32)  # the kernels' bfloat16 products
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.weighted_sum = ops.BatchMatMul()
         self.softmax = ops.Softmax(axis=-1)
@@ -235,7 +243,7 @@ class Attention(nn.Cell):
         on CPU) or None (MindSpore's ops only: the kernels' unmasked attention is CLIPSelfAttention's)."""
         if self.kernel:
             query, key, value = query.astype(ms.float32), key.astype(ms.float32), value.astype(ms.float32)
-            return llava_kernels.ATTENTION(query, key, value, mask, self.scale_tensor)
+            return llava_kernels.ATTENTION(query, key, value, mask, self.scale_tensor, self.half_products)
         scores = self.scores(query * self.scale, key).astype(ms.float32)  # scaling q: H*T*D, not H*T*L, products
         if mask is not None:
             scores = scores + mask
@@ -315,7 +323,7 @@ class CLIPSelfAttention(nn.Cell):
         """x [N, 1+P, Hv] -> [N, 1+P, Hv]; every token sees every token."""
         if self.kernel:  # the heads split inside the kernel, by strides: no transposes
             attended = llava_kernels.SELF_ATTENTION(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads,
-                                                    self.attention.scale_tensor)
+                                                    self.attention.scale_tensor, self.attention.half_products)
         else:
             query = split_heads(self.q_proj(x), self.num_heads)
             key = split_heads(self.k_proj(x), self.num_heads)

@@ -763,15 +763,16 @@ static int run(Matmul* mm, const void* src, const void* weights, float* dst) {
   if (dst_memory) api.memory_destroy(dst_memory);
   return status;
 }
-// Batched float32 products for attention: c[i] = a[i] @ b[i] for i < batch, every operand given by its strides
-// (elements) over (batch, rows, cols): a [batch, M, K], b [batch, K, N], c [batch, M, N].
+// Batched products for attention: c[i] = a[i] @ b[i] for i < batch, every operand given by its strides
+// (elements) over (batch, rows, cols): a [batch, M, K], b [batch, K, N] of `type` (dt_f32 or dt_bf16), c
+// [batch, M, N] float32.
 typedef std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                   int64_t, int64_t> BatchedKey;
+                   int64_t, int64_t, int> BatchedKey;
 static std::map<BatchedKey, Matmul> batched_primitives;
 
-static int batched(int64_t batch, int64_t M, int64_t N, int64_t K, const float* a, const int64_t* sa, const float* b,
-                   const int64_t* sb, float* c, const int64_t* sc) {
-  BatchedKey key(batch, M, N, K, sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sc[0], sc[1], sc[2]);
+static int batched(int64_t batch, int64_t M, int64_t N, int64_t K, const void* a, const int64_t* sa, const void* b,
+                   const int64_t* sb, float* c, const int64_t* sc, int type = dt_f32) {
+  BatchedKey key(batch, M, N, K, sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sc[0], sc[1], sc[2], type);
   auto it = batched_primitives.find(key);
   Matmul* mm = nullptr;
   if (it != batched_primitives.end()) {
@@ -779,8 +780,8 @@ static int batched(int64_t batch, int64_t M, int64_t N, int64_t K, const float* 
   } else {
     Matmul made;
     int64_t a_dims[3] = {batch, M, K}, b_dims[3] = {batch, K, N}, c_dims[3] = {batch, M, N};
-    if (api.memory_desc_create_with_strides(&made.desc[0], 3, a_dims, dt_f32, sa) ||
-        api.memory_desc_create_with_strides(&made.desc[1], 3, b_dims, dt_f32, sb) ||
+    if (api.memory_desc_create_with_strides(&made.desc[0], 3, a_dims, type, sa) ||
+        api.memory_desc_create_with_strides(&made.desc[1], 3, b_dims, type, sb) ||
         api.memory_desc_create_with_strides(&made.desc[2], 3, c_dims, dt_f32, sc))
       return -3;
     api.set_max_concurrency(g.nthreads);
@@ -891,13 +892,27 @@ static void softmax_row_any(float* s, const float* mask, int64_t L, float scale)
 // `tokens_major`, q, out [B,T,H,D] and k, v [B,L,H,D] (the heads split by strides, as the projections write them:
 // the vision tower's three transposes in and one out cost it a fifth of its time, bench/RESULTS.md). mask
 // [Bm,Hm,T,L] (Bm 1 or B, Hm 1 or H; null: none). Heads of one row go in groups whose scores fit in 64 MB.
+// `half`: the two products in bfloat16 (q, k, v and the probabilities rounded; sums, scores and softmax in
+// float32) where the prompt path's matmuls run in bfloat16 (oneDNN, a CPU with bfloat16 arithmetic), as HF's
+// bf16 runs them: for 16-bit models, whose prompt matmuls round their inputs alike. Float32 products took a fifth of the vision tower's time (bench/RESULTS.md).
 static void attention(const float* q, const float* k, const float* v, const float* mask, int64_t Bm, int64_t Hm,
                       float scale, float* out, int64_t B, int64_t H, int64_t T, int64_t L, int64_t D,
-                      bool tokens_major) {
+                      bool tokens_major, bool half) {
   int64_t group = std::max<int64_t>(1, std::min<int64_t>(H, (16 << 20) / std::max<int64_t>(1, T * L)));
   static thread_local std::vector<float> scores;
   scores.resize(std::max(scores.size(), (size_t)(group * T * L)));
   bool have_onednn = onednn::available();
+  half = half && have_onednn && g.large_path == LP_ONEDNN && (g.cpu.avx512bf16 || g.cpu.amx);
+  static thread_local std::vector<uint16_t> q16, k16, v16, p16;  // bfloat16 operands, contiguous per head
+  if (half) {
+    q16.resize(std::max(q16.size(), (size_t)(group * T * D)));
+    k16.resize(std::max(k16.size(), (size_t)(group * L * D)));
+    v16.resize(std::max(v16.size(), (size_t)(group * L * D)));
+    p16.resize(std::max(p16.size(), (size_t)(group * T * L)));
+  }
+  // Pointers, not the vectors: inside the pool's lambdas a thread_local name is the worker's own.
+  uint16_t *qb = q16.data(), *kb = k16.data(), *vb = v16.data(), *pb = p16.data();
+  int64_t sq16[3] = {T * D, D, 1}, skt16[3] = {L * D, 1, D}, sv16[3] = {L * D, D, 1};
   // Element strides over (head, row, column) of q/out and of k/v, and offsets of head h of batch row b.
   int64_t head_q = tokens_major ? D : T * D, row_q = tokens_major ? H * D : D;
   int64_t head_k = tokens_major ? D : L * D, row_k = tokens_major ? H * D : D;
@@ -910,10 +925,19 @@ static void attention(const float* q, const float* k, const float* v, const floa
       const float *qh = q + q_at(b, first), *kh = k + k_at(b, first), *vh = v + k_at(b, first);
       float* oh = out + q_at(b, first);
       float* s = scores.data();
+      if (half)  // each head's rows of q, k, v (strided) into contiguous bfloat16
+        parallel_for((int)n, [&](int i) {
+          for (int64_t t = 0; t < T; t++) f32_to_bf16_any(qh + i * head_q + t * row_q, qb + (i * T + t) * D, D);
+          for (int64_t l = 0; l < L; l++) {
+            f32_to_bf16_any(kh + i * head_k + l * row_k, kb + (i * L + l) * D, D);
+            f32_to_bf16_any(vh + i * head_k + l * row_k, vb + (i * L + l) * D, D);
+          }
+        });
       int status = -1;
       if (have_onednn) {
         std::lock_guard<std::mutex> lock(onednn::mutex);
-        status = onednn::batched(n, T, L, D, qh, sq, kh, skt, s, ss);
+        status = half ? onednn::batched(n, T, L, D, qb, sq16, kb, skt16, s, ss, onednn::dt_bf16)
+                      : onednn::batched(n, T, L, D, qh, sq, kh, skt, s, ss);
       }
       if (status) {  // without oneDNN: plain loops
         parallel_for((int)n, [&](int i) {
@@ -934,10 +958,13 @@ static void attention(const float* q, const float* k, const float* v, const floa
           else softmax_row_any(s + r * L, mask_row, L, scale);
         }
       });
+      if (half)
+        parallel_blocks(n * T * L, 1 << 16, [&](int64_t a, int64_t e) { f32_to_bf16_any(s + a, pb + a, e - a); });
       status = -1;
       if (have_onednn) {
         std::lock_guard<std::mutex> lock(onednn::mutex);
-        status = onednn::batched(n, T, D, L, s, ss, vh, sv, oh, sq);
+        status = half ? onednn::batched(n, T, D, L, pb, ss, vb, sv16, oh, sq, onednn::dt_bf16)
+                      : onednn::batched(n, T, D, L, s, ss, vh, sv, oh, sq);
       }
       if (status) {
         parallel_for((int)n, [&](int i) {
@@ -1171,27 +1198,30 @@ LLAVA_OP(LlavaRMSNorm) {
 }
 
 // softmax(q k^T * scale + mask) v: q float32 [B, H, T, D], k, v [B, H, L, D], mask [B or 1, H or 1, T, L],
-// scale [1] -> out [B, H, T, D].
+// scale [1], half int32 [1] (bfloat16 products, see attention) -> out [B, H, T, D].
 LLAVA_OP(LlavaAttention) {
-  if (nparam != 6 || ndims[0] != 4 || ndims[1] != 4 || ndims[3] != 4) return 1;
+  if (nparam != 7 || ndims[0] != 4 || ndims[1] != 4 || ndims[3] != 4 || strcmp(dtypes[5], "int32")) return 1;
   ensure_init();
   const int64_t *qs = shapes[0], *ks = shapes[1];
   attention((const float*)params[0], (const float*)params[1], (const float*)params[2], (const float*)params[3],
-            shapes[3][0], shapes[3][1], *(const float*)params[4], (float*)params[5], qs[0], qs[1], qs[2], ks[2], qs[3],
-            false);
+            shapes[3][0], shapes[3][1], *(const float*)params[4], (float*)params[6], qs[0], qs[1], qs[2], ks[2], qs[3],
+            false, *(const int32_t*)params[5] != 0);
   return 0;
 }
 
-// Every token sees every token, heads split by strides: q, k, v float32 [B, T, H*D], heads int32 [1], scale [1]
-// -> out [B, T, H*D].
+// Every token sees every token, heads split by strides: q, k, v float32 [B, T, H*D], heads int32 [1], scale [1],
+// half int32 [1] -> out [B, T, H*D].
 LLAVA_OP(LlavaSelfAttention) {
-  if (nparam != 6 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || strcmp(dtypes[3], "int32")) return 1;
+  if (nparam != 7 || ndims[0] != 3 || ndims[1] != 3 || ndims[2] != 3 || strcmp(dtypes[3], "int32") ||
+      strcmp(dtypes[5], "int32"))
+    return 1;
   const int64_t *qs = shapes[0];
   int64_t H = *(const int32_t*)params[3];
   if (H <= 0 || qs[2] % H || shapes[1][2] != qs[2] || shapes[1][1] != qs[1]) return 2;
   ensure_init();
   attention((const float*)params[0], (const float*)params[1], (const float*)params[2], nullptr, 1, 1,
-            *(const float*)params[4], (float*)params[5], qs[0], H, qs[1], qs[1], qs[2] / H, true);
+            *(const float*)params[4], (float*)params[6], qs[0], H, qs[1], qs[1], qs[2] / H, true,
+            *(const int32_t*)params[5] != 0);
   return 0;
 }
 
