@@ -91,6 +91,11 @@ def _like_first(shape, *_):
     return list(shape)
 
 
+def _tokens_major(q_shape, *_):
+    batch, heads, length, dim = q_shape
+    return [batch, length, heads, dim]
+
+
 def _rows_of_table(table_shape, ids_shape):
     return list(ids_shape) + [table_shape[1]]
 
@@ -121,8 +126,8 @@ else:
     SWIGLU = _op("LlavaSwiGLU", _rows_of_weight)            # (x, W_gate, W_up) -> silu(x Wg^T) * x Wu^T
     LAYER_NORM = _op("LlavaLayerNorm", _like_first)         # (x [..., C], weight, bias, eps [1])
     RMS_NORM = _op("LlavaRMSNorm", _like_first)             # (x [..., C], weight, eps [1])
-    # (q [B,H,T,D], k, v [B,H,L,D], mask [B|1,H|1,T,L], scale [1], half int32 [1]: bfloat16 products)
-    ATTENTION = _op("LlavaAttention", _like_first)
+    # (q [B,H,T,D], k, v [B,H,L,D], mask [B|1,H|1,T,L], scale [1], half int32 [1]: bfloat16 products) -> [B,T,H,D]
+    ATTENTION = _op("LlavaAttention", _tokens_major)
     # (q, k, v [B,T,H*D], heads int32 [1], scale [1], half int32 [1]) -> [B,T,H*D]: every token sees every token,
     # heads split inside
     SELF_ATTENTION = _op("LlavaSelfAttention", _like_first)

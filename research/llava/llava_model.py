@@ -225,7 +225,8 @@ def merge_heads(x):
 
 
 class Attention(nn.Cell):
-    """softmax(q k^T * scale + mask) v over [B, H, T, D] inputs; scores and softmax in float32."""
+    """softmax(q k^T * scale + mask) v over [B, H, T, D] inputs, heads merged: [B, T, H*D]; scores and softmax
+    in float32."""
 
     def __init__(self, head_dim, precision=FLOAT32):
         super().__init__()
@@ -241,28 +242,30 @@ class Attention(nn.Cell):
         """query [B,H,T,D], key/value [B,H,L,D], mask (0 or a large negative) [B or 1, 1, T, L] for the kernel,
         which broadcasts it, else [B,H,T,L] (full size: a broadcasting add costs more than the attention itself
         on CPU) or None (MindSpore's ops only: the kernels' unmasked attention is CLIPSelfAttention's)."""
-        if self.kernel:
+        if self.kernel:  # the kernel writes [B, T, H, D]: no transpose to merge the heads
+            batch, heads, length, dim = query.shape
             query, key, value = query.astype(ms.float32), key.astype(ms.float32), value.astype(ms.float32)
-            return llava_kernels.ATTENTION(query, key, value, mask, self.scale_tensor, self.half_products)
+            attended = llava_kernels.ATTENTION(query, key, value, mask, self.scale_tensor, self.half_products)
+            return attended.reshape(batch, length, heads * dim)
         scores = self.scores(query * self.scale, key).astype(ms.float32)  # scaling q: H*T*D, not H*T*L, products
         if mask is not None:
             scores = scores + mask
         probs = self.softmax(scores).astype(value.dtype)
-        return self.weighted_sum(probs, value)
+        return merge_heads(self.weighted_sum(probs, value))
 
     def with_cache(self, query, key, value, cached_key, cached_value, mask):
         """One new token per row that attends to the cached positions the mask leaves visible and to itself:
-        query, key, value [B,H,1,D]; cached_key/value [B,H,L,D]; mask [B,H,1,L] -> [B,H,1,D]. The new token's
+        query, key, value [B,H,1,D]; cached_key/value [B,H,L,D]; mask [B,H,1,L] -> [B,1,H*D]. The new token's
         key/value are not in the cache yet (KVCache.write puts them there after the step)."""
         if self.kernel:  # float32 q, k, v; the cache float32 or float16; reads only the slots the mask shows
-            return llava_kernels.ATTENTION_DECODE(query, key, value, cached_key, cached_value, mask,
-                                                  self.scale_tensor)
+            return merge_heads(llava_kernels.ATTENTION_DECODE(query, key, value, cached_key, cached_value, mask,
+                                                              self.scale_tensor))
         query, key, value = (tensor.astype(cached_key.dtype) for tensor in (query, key, value))
         query = query * self.scale
         cached = self.scores(query, cached_key).astype(ms.float32) + mask
         own = (query * key).sum(-1, keepdims=True).astype(ms.float32)  # [B,H,1,1]
         probs = self.softmax(ops.concat((cached, own), -1)).astype(value.dtype)
-        return self.weighted_sum(probs[..., :-1], cached_value) + probs[..., -1:] * value
+        return merge_heads(self.weighted_sum(probs[..., :-1], cached_value) + probs[..., -1:] * value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,7 +331,7 @@ class CLIPSelfAttention(nn.Cell):
             query = split_heads(self.q_proj(x), self.num_heads)
             key = split_heads(self.k_proj(x), self.num_heads)
             value = split_heads(self.v_proj(x), self.num_heads)
-            attended = merge_heads(self.attention(query, key, value))
+            attended = self.attention(query, key, value)
         return self.out_proj(attended)
 
 
@@ -563,7 +566,7 @@ class LlamaAttention(nn.Cell):
                                       mask)
         else:
             attended = self.attention.with_cache(query, key, value, cached_key, cached_value, mask)
-        return self.o_proj(merge_heads(attended)), key, value
+        return self.o_proj(attended), key, value
 
 
 class LlamaMLP(nn.Cell):

@@ -888,8 +888,9 @@ static void softmax_row_any(float* s, const float* mask, int64_t L, float scale)
   for (int64_t l = 0; l < L; l++) s[l] /= total;
 }
 
-// out = softmax(q k^T * scale + mask) v, float32, for q [B,H,T,D], k, v [B,H,L,D], out [B,H,T,D]; or, with
-// `tokens_major`, q, out [B,T,H,D] and k, v [B,L,H,D] (the heads split by strides, as the projections write them:
+// out = softmax(q k^T * scale + mask) v, float32, for q [B,H,T,D], k, v [B,H,L,D], out [B,T,H,D] (the layout the
+// output projection reads: MindSpore's transpose of a 600-token prompt's heads took 5 ms a layer); or, with
+// `tokens_major`, q [B,T,H,D] and k, v [B,L,H,D] too (the heads split by strides, as the projections write them:
 // the vision tower's three transposes in and one out cost it a fifth of its time, bench/RESULTS.md). mask
 // [Bm,Hm,T,L] (Bm 1 or B, Hm 1 or H; null: none). Heads of one row go in groups whose scores fit in 64 MB.
 // `half`: the two products in bfloat16 (q, k, v and the probabilities rounded; sums, scores and softmax in
@@ -918,12 +919,15 @@ static void attention(const float* q, const float* k, const float* v, const floa
   int64_t head_k = tokens_major ? D : L * D, row_k = tokens_major ? H * D : D;
   auto q_at = [&](int64_t b, int64_t h) { return tokens_major ? (b * T * H + h) * D : (b * H + h) * T * D; };
   auto k_at = [&](int64_t b, int64_t h) { return tokens_major ? (b * L * H + h) * D : (b * H + h) * L * D; };
+  auto o_at = [&](int64_t b, int64_t h) { return (b * T * H + h) * D; };  // out: tokens-major always
+  int64_t head_o = D, row_o = H * D;
   int64_t sq[3] = {head_q, row_q, 1}, skt[3] = {head_k, 1, row_k}, ss[3] = {T * L, L, 1}, sv[3] = {head_k, row_k, 1};
+  int64_t so[3] = {head_o, row_o, 1};
   for (int64_t b = 0; b < B; b++)
     for (int64_t first = 0; first < H; first += group) {
       int64_t n = std::min(group, H - first);
       const float *qh = q + q_at(b, first), *kh = k + k_at(b, first), *vh = v + k_at(b, first);
-      float* oh = out + q_at(b, first);
+      float* oh = out + o_at(b, first);
       float* s = scores.data();
       if (half)  // each head's rows of q, k, v (strided) into contiguous bfloat16
         parallel_for((int)n, [&](int i) {
@@ -963,8 +967,8 @@ static void attention(const float* q, const float* k, const float* v, const floa
       status = -1;
       if (have_onednn) {
         std::lock_guard<std::mutex> lock(onednn::mutex);
-        status = half ? onednn::batched(n, T, D, L, pb, ss, vb, sv16, oh, sq, onednn::dt_bf16)
-                      : onednn::batched(n, T, D, L, s, ss, vh, sv, oh, sq);
+        status = half ? onednn::batched(n, T, D, L, pb, ss, vb, sv16, oh, so, onednn::dt_bf16)
+                      : onednn::batched(n, T, D, L, s, ss, vh, sv, oh, so);
       }
       if (status) {
         parallel_for((int)n, [&](int i) {
@@ -972,7 +976,7 @@ static void attention(const float* q, const float* k, const float* v, const floa
             for (int64_t d = 0; d < D; d++) {
               float sum = 0.f;
               for (int64_t l = 0; l < L; l++) sum += s[(i * T + t) * L + l] * vh[i * head_k + l * row_k + d];
-              oh[i * head_q + t * row_q + d] = sum;
+              oh[i * head_o + t * row_o + d] = sum;
             }
         });
       }
@@ -1198,7 +1202,7 @@ LLAVA_OP(LlavaRMSNorm) {
 }
 
 // softmax(q k^T * scale + mask) v: q float32 [B, H, T, D], k, v [B, H, L, D], mask [B or 1, H or 1, T, L],
-// scale [1], half int32 [1] (bfloat16 products, see attention) -> out [B, H, T, D].
+// scale [1], half int32 [1] (bfloat16 products, see attention) -> out [B, T, H, D].
 LLAVA_OP(LlavaAttention) {
   if (nparam != 7 || ndims[0] != 4 || ndims[1] != 4 || ndims[3] != 4 || strcmp(dtypes[5], "int32")) return 1;
   ensure_init();
