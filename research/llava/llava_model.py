@@ -490,9 +490,7 @@ class KVCache:
         length = prefix_keys[0].shape[2]
         if self.host:
             for buffer, prefix in zip(self.buffers, prefix_keys + prefix_values):
-                prefix = prefix.asnumpy()[0]
-                for row in rows:
-                    buffer[row, :, :length] = prefix
+                buffer[np.asarray(rows), :, :length] = prefix.asnumpy()  # [1, H, P, D] to every row
             return
         tiled = tuple(ops.tile(prefix, (len(rows), 1, 1, 1)) for prefix in prefix_keys + prefix_values)
         self.write(rows, np.zeros(len(rows)), tiled[:self.num_layers], tiled[self.num_layers:])

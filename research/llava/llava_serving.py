@@ -343,7 +343,7 @@ class Engine:
         free = [index for index, sequence in enumerate(self.rows) if sequence is None]
         fresh = []  # (row, request, prefix key, prefix length): computed whole
         continued = {}  # prefix key -> (Prefix, [(row, request)]): computed after their cached prefix
-        longest = 0
+        longest = admitted = 0
         while free and self.waiting:
             request = self.waiting[0]
             key, length = prompt_prefix(request, self.model.image_token_id)
@@ -351,10 +351,10 @@ class Engine:
                 break  # a prefix this admission computes: continue it at the next step
             cached = key is not None and key in self.prefix_cache
             longest = max(longest, len(request.prompt_ids) - (length if cached else 0))
-            admitted = len(fresh) + sum(len(batch) for _, batch in continued.values())
             if admitted and longest * (admitted + 1) > self.context:  # bounds any one prefill's padded size
                 break
             self.waiting.popleft()
+            admitted += 1
             prefix = self.prefix_cache.get(key) if key is not None else None
             if prefix is not None:
                 continued.setdefault(key, (prefix, []))[1].append((free.pop(0), request))

@@ -29,15 +29,11 @@ PREFILL_BLOCK = 32  # prompts are padded to a multiple of this: it bounds the nu
 MASK_VALUE = -1e9  # finite: fully masked padding rows must not produce NaN
 
 
-def causal_mask(length):
-    """[1, 1, S, S] float32: 0 on and below the diagonal, a large negative above."""
-    return Tensor(np.triu(np.full((length, length), MASK_VALUE, np.float32), 1)[None, None])
-
-
-def prefix_mask(prefix_length, length):
-    """[1, 1, T, P+T] float32 for T tokens after a P-position prefix: the prefix all visible, then causal."""
-    return Tensor(np.concatenate([np.zeros((length, prefix_length), np.float32), causal_mask(length).asnumpy()[0, 0]],
-                                 axis=1)[None, None])
+def causal_mask(length, prefix_length=0):
+    """[1, 1, T, P+T] float32 for T tokens after a P-position prefix (P = 0: a whole prompt): the prefix all
+    visible, then 0 on and below the diagonal, a large negative above."""
+    return Tensor(np.triu(np.full((length, prefix_length + length), MASK_VALUE, np.float32), prefix_length + 1)[
+        None, None])
 
 
 @dataclass(frozen=True)
@@ -176,15 +172,13 @@ class ModelRunner:
             image_features = ops.zeros((1, self.model.config.text_config.hidden_size), ms.float32)  # never gathered
         positions = np.broadcast_to(np.arange(start, start + padded_length, dtype=np.int32), (batch, padded_length))
         last_index = lengths - 1 + np.arange(batch, dtype=np.int32) * padded_length
-        inputs = [Tensor(text_ids), image_features, Tensor(merge_index), Tensor(positions)]
-        if prefix is None:
-            inputs += [causal_mask(padded_length), Tensor(last_index)]
-        else:
+        inputs = [Tensor(text_ids), image_features, Tensor(merge_index), Tensor(positions),
+                  causal_mask(padded_length, start), Tensor(last_index)]
+        if prefix is not None:
             # mutable: a tuple of tensors is otherwise a constant of a compiled graph (as in `decode`).
             def rows_of(tensors):
                 return tuple(tensor if batch == 1 else ops.tile(tensor, (batch, 1, 1, 1)) for tensor in tensors)
-            inputs += [prefix_mask(start, padded_length), Tensor(last_index), ms.mutable(rows_of(prefix.keys)),
-                       ms.mutable(rows_of(prefix.values))]
+            inputs += [ms.mutable(rows_of(prefix.keys)), ms.mutable(rows_of(prefix.values))]
         run = self.prefill_step.compiled if self.compile_prefill else self.prefill_step.eager
         logits, keys, values = run(*inputs)
         logits = logits.asnumpy()  # before the cache writes, as in `decode`
