@@ -404,9 +404,9 @@ sys.exit(convert_weight.main(sys.argv[1:]))
 """
 
 
-def start_slow_conversion(source, output, cwd, *extra):
-    """The converter's command line, each tensor read slowed down; returns once it is writing `output`'s
-    partial files (`output` a .ckpt, or with --model_parallel a directory of rank_K/)."""
+def start_slow_conversion(source, output, cwd, *extra, writers=1):
+    """The converter's command line, each tensor read slowed down; returns once all `writers` partial files of
+    `output` exist (`output` a .ckpt, or with --model_parallel a directory of rank_K/, one writer a rank)."""
     process = subprocess.Popen(
         [sys.executable, "-c", SLOW_CLI.format(repo=REPO, plugin=os.path.join(REPO, "research", "llava")),
          "--model", "llava", "--input_path", source,
@@ -414,7 +414,7 @@ def start_slow_conversion(source, output, cwd, *extra):
     partials = os.path.join(glob.escape(str(output)), "*", ".partial-*") if extra else \
         os.path.join(glob.escape(os.path.dirname(str(output))), ".partial-*")
     deadline = time.monotonic() + 120
-    while not glob.glob(partials):  # the temporary files exist: writing has begun
+    while len(glob.glob(partials)) < writers:  # every temporary file exists: writing has begun (ranks open in turn)
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
     return process
@@ -439,7 +439,7 @@ def test_partial_files_left_by_kill_9_are_ignored_then_removed(hub_dir, tmp_path
     """kill -9 leaves each rank's partial file; loading the directory ignores them (it used to find 2 .ckpt), and
     the next conversion there removes them."""
     shards = tmp_path / "shards"
-    process = start_slow_conversion(hub_dir, shards, tmp_path, "--model_parallel", "2")
+    process = start_slow_conversion(hub_dir, shards, tmp_path, "--model_parallel", "2", writers=2)
     process.kill()
     process.communicate(timeout=60)
     assert [len(leftovers(shards / f"rank_{rank}")) for rank in range(2)] == [1, 1]
