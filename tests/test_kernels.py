@@ -88,6 +88,16 @@ def test_prompt_path_every_row_count(weight_type):
         assert max(errors) < 1e-5  # float32 weights keep float32 arithmetic
 
 
+@pytest.mark.parametrize("weight_type", ("float16", "bfloat16"))
+def test_packed_kernel_every_row_count(weight_type):
+    """The packed bfloat16 kernel (16-bit W, AVX512-BF16) for every row count: 64-row blocks of W, 6-row tiles of
+    x and their tails, K blocks (4104 is two of 2048 and 8 values), K and N not multiples of 32 or 16."""
+    llava_kernels.configure(large="packed", m_large=1)
+    assert ("packed" in llava_kernels.describe()) == ("decode avx512bf16" in llava_kernels.describe())
+    for x, w in (example(*case, weight_type) for case in cases(3e9)):
+        check(llava_kernels.matmul_numpy(x, w), x, w, bfloat16_math="bfloat16 on" in llava_kernels.describe())
+
+
 def test_float32_weights_are_float32_exact_on_every_path():
     x, w = example(65, 129, 4104, "float32")
     reference = llava_kernels.matmul_numpy(x, w)
@@ -184,6 +194,11 @@ def compiled_attention(q, k, v, mask, scale, half):
 
 
 @ms.jit
+def compiled_attention_after_prefix(q, k, v, prefix_k, prefix_v, mask, scale, half):
+    return llava_kernels.ATTENTION_AFTER_PREFIX(q, k, v, prefix_k, prefix_v, mask, scale, half) * 1.0
+
+
+@ms.jit
 def compiled_self_attention(q, k, v, heads, scale, half):
     return llava_kernels.SELF_ATTENTION(q, k, v, heads, scale, half) * 1.0
 
@@ -265,18 +280,20 @@ def test_attention(shape, mask_shape, compiled, half):
 
 
 @ms.jit
-def compiled_attention_decode(q, k, v, k_cache, v_cache, mask, scale):
-    return llava_kernels.ATTENTION_DECODE(q, k, v, k_cache, v_cache, mask, scale) * 1.0
+def compiled_attention_decode(q, k, v, k_cache, v_cache, mask, sharing, scale):
+    return llava_kernels.ATTENTION_DECODE(q, k, v, k_cache, v_cache, mask, sharing, scale) * 1.0
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 40, 16), (1, 32, 300, 128), (3, 2, 7, 5), (2, 4, 70, 64)])
 @pytest.mark.parametrize("path", ["scalar", "avx512"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["pynative", "graph"])
 @pytest.mark.parametrize("cache_type", ["float32", "float16"])
-def test_attention_decode(shape, path, compiled, cache_type):
+@pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
+def test_attention_decode(shape, path, compiled, cache_type, shared):
     """One token per row after its cache (float32, or float16 as 16-bit weights keep it): the cached slots its
     mask shows, then itself. Row 0 sees a prefix (as KVCache.decode_mask makes), row 1 scattered slots, row 2
-    none of the cache (only itself)."""
+    none of the cache (only itself). `shared`: the last row's first third is read from row 0 (which holds the
+    same prefix, as KVCache.sharing says; its own copy is made different here to show it is not read)."""
     llava_kernels.configure(small=path)
     batch, heads, length, dim = shape
     rng = np.random.default_rng(list(shape))
@@ -287,13 +304,53 @@ def test_attention_decode(shape, path, compiled, cache_type):
     if batch > 1:
         visible[1] = rng.random(length) < 0.5
     mask = np.where(visible, 0.0, -1e9).astype(np.float32)[:, None, None, :]
+    sharing = np.stack([np.arange(batch), np.zeros(batch)], 1).astype(np.int32)
+    seen_keys, seen_values = k_cache.copy(), v_cache.copy()  # what each row's slots hold, as the kernel reads
+    if shared:
+        prefix, last = length // 3, batch - 1
+        sharing[[0, last]] = (0, prefix)
+        seen_keys[last, :, :prefix], seen_values[last, :, :prefix] = k_cache[0, :, :prefix], v_cache[0, :, :prefix]
     scale = dim ** -0.5
     op = compiled_attention_decode if compiled else llava_kernels.ATTENTION_DECODE
-    out = op(*map(tensor, (q, k, v, k_cache, v_cache, mask)), Tensor([scale], ms.float32)).asnumpy()
+    out = op(*map(tensor, (q, k, v, k_cache, v_cache, mask, sharing)), Tensor([scale], ms.float32)).asnumpy()
+    k_cache, v_cache = seen_keys, seen_values
     full_mask = np.concatenate([mask, np.zeros((batch, 1, 1, 1), np.float32)], -1)
     expected = reference_attention(q, np.concatenate([k_cache.astype(np.float32), k], 2),
                                    np.concatenate([v_cache.astype(np.float32), v], 2), full_mask, scale)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sharing", [[[0, 0], [2, 3]], [[0, 0], [-1, 3]], [[0, 9], [1, 0]], [[0, -1], [1, 0]]])
+def test_attention_decode_refuses_a_sharing_table_outside_the_cache(sharing):
+    """A source row outside the batch or a slot count outside the cache would read other memory."""
+    q, cache, mask = np.zeros((2, 2, 1, 4), np.float32), np.zeros((2, 2, 8, 4), np.float32), np.zeros((2, 1, 1, 8))
+    with pytest.raises(RuntimeError, match="LlavaAttentionDecode"):
+        llava_kernels.ATTENTION_DECODE(*map(tensor, (q, q, q, cache, cache, mask.astype(np.float32),
+                                                     np.array(sharing, np.int32))), Tensor([0.5], ms.float32))
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 5, 7, 8), (13, 16, 30, 581, 64), (1, 3, 1, 40, 16), (2, 32, 9, 600, 128)])
+@pytest.mark.parametrize("compiled", [False, True], ids=["pynative", "graph"])
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("prefix_type", ["float32", "float16"])
+def test_attention_after_prefix(shape, compiled, half, prefix_type):
+    """Prompts continuing one cached prefix: every row attends to the one prefix [1, H, P, D] (as the KV cache
+    keeps it), then causally to its own tokens; the same as attention over the prefix copied into every row."""
+    batch, heads, queries, prefix_length, dim = shape
+    rng = np.random.default_rng(list(shape))
+    q, k, v = (rng.standard_normal((batch, heads, queries, dim)).astype(np.float32) for _ in range(3))
+    prefix_k, prefix_v = (rng.standard_normal((1, heads, prefix_length, dim)).astype(prefix_type) for _ in range(2))
+    mask = np.triu(np.full((queries, prefix_length + queries), -1e9, np.float32), prefix_length + 1)[None, None]
+    scale = dim ** -0.5
+    op = compiled_attention_after_prefix if compiled else llava_kernels.ATTENTION_AFTER_PREFIX
+    out = op(*map(tensor, (q, k, v, prefix_k, prefix_v, mask)), Tensor([scale], ms.float32),
+             Tensor([int(half)], ms.int32)).asnumpy()
+    assert out.shape == (batch, queries, heads, dim)
+
+    def every_row(prefix, own):
+        return np.concatenate([np.broadcast_to(prefix.astype(np.float32), (batch,) + prefix.shape[1:]), own], 2)
+    check_attention(out, q, every_row(prefix_k, k), every_row(prefix_v, v), mask, scale, half,
+                    layout=lambda x: x.transpose(0, 2, 1, 3))
 
 
 def rotate_half(x):

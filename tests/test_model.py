@@ -388,14 +388,27 @@ def test_kv_cache_rounds_up_keeps_a_large_enough_cache_and_caps_at_the_context(h
     assert (view_keys == expected).all()
     assert (view_values[0, :, 7:9] == -keys.asnumpy()[1]).all()
     # A prefix read from a row and written into two others.
-    prefix_keys, prefix_values = cache.read(2, 8)
+    assert (cache.sharing(3) == [[0, 0], [1, 0], [2, 0]]).all()  # nothing shared yet: every row reads its own
+    prefix_keys, prefix_values, tag = cache.read(2, 8)
     assert prefix_keys[0].shape == (1, 3, 8, 4) and (prefix_keys[1].asnumpy()[0] == expected[2, :, :8]).all()
+    assert (cache.sharing(3) == [[0, 0], [1, 0], [2, 8]]).all()  # row 2 holds what it was read from
     one = step[:1]
     cache.write([2], [0], (one, one), (one, one))  # the row changes; the prefix read before does not
     assert (prefix_keys[1].asnumpy()[0] == expected[2, :, :8]).all()
-    cache.write_prefix([0, 1], prefix_keys, prefix_values)
+    assert (cache.sharing(3)[2] == [2, 0]).all()  # row 2 no longer holds it
+    cache.write_prefix([1, 2], prefix_keys, prefix_values, tag)
+    cache.write([1, 2], [8, 9], (step, step), (step, step))  # after the prefix: both still hold it
+    assert (cache.sharing(3) == [[0, 0], [1, 8], [1, 8]]).all()  # row 2 reads its first 8 positions from row 1
+    assert (cache.sharing(2) == [[0, 0], [1, 8]]).all()  # a step over 2 rows reads only those
+    cache.write_prefix([2], *cache.read(0, 5))  # another prefix: row 0's first 5 positions
+    assert (cache.sharing(3) == [[0, 5], [1, 8], [0, 5]]).all()
+    cache.write([1], [3], (one, one), (one, one))  # written inside its prefix (an idle row's decode step)
+    assert (cache.sharing(3)[1] == [1, 0]).all()
+    cache.write_prefix([0, 1], prefix_keys, prefix_values, tag)
     view_keys = cache.views(3)[0][0].asnumpy()
     assert (view_keys[0, :, :8] == expected[2, :, :8]).all() and (view_keys[1, :, :8] == expected[2, :, :8]).all()
+    cache.allocate(4, 10)  # new buffers hold nothing
+    assert (cache.sharing(4)[:, 1] == 0).all()
     mask = cache.decode_mask(np.array([[0], [3]])).asnumpy()  # a row at position p sees 0..p-1 in the cache
     assert mask.shape == (2, 1, 1, cache.length) and (mask[0] < -1e8).all()
     assert (mask[1, 0, 0, :3] == 0).all() and (mask[1, 0, 0, 3:] < -1e8).all()

@@ -1,6 +1,7 @@
 """llava_serving on the bundled tiny model, in process and step by step: the prompt template against
 llava-1.5-hf's own chat template, the text stream, the caches, and the engine's batching (admission into freed
 rows, prompts continuing a cached prefix, answers equal to `generate` alone, cancellation)."""
+from collections import Counter
 import os
 
 import numpy as np
@@ -250,10 +251,15 @@ def test_questions_about_a_cached_prefix_compute_only_their_tails_and_answer_as_
     assert engine.counters["prefill_tokens"] == len(first.prompt_ids)
     assert engine.prefix_cache.stats()["entries"] == 1 and engine.prefix_cache.stats()["misses"] == 1
     before = dict(engine.counters)
+    tables, sharing = [], engine.runner.cache.sharing  # what the decode steps were told rows share
+    engine.runner.cache.sharing = lambda rows: tables.append(sharing(rows)) or tables[-1]
     asked += [ask(engine, processor, question, picture, 24, greedy) for question in questions[1:]]
     asked += [ask(engine, processor, question, other, 24, greedy) for question in questions[:2]]
     while engine.busy():
         engine.step()
+    # The three rows continuing the first prefix read it from one of them (the decode kernel's shared reads).
+    assert any(max(Counter(tuple(row) for row in table.tolist() if row[1] == length).values(), default=0) == 3
+               for table in tables)
     # Three tails after the cached prefix (one prefill), the other picture whole, then its second question's tail.
     tails = [len(request.prompt_ids) - length for request, _ in asked[1:4] + asked[5:]]
     assert engine.counters["prefill_tokens"] - before["prefill_tokens"] == sum(tails) + len(asked[4][0].prompt_ids)

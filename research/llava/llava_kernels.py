@@ -119,7 +119,7 @@ ACTIVATIONS = {None: 0, "quick_gelu": 1, "gelu": 2}  # the epilogue of LINEAR (k
 # in PyNative and in compiled graphs. x float32 throughout; W float32, float16 or bfloat16 [N, K].
 if _LIB is None:
     MATMUL = LINEAR = SWIGLU = LAYER_NORM = RMS_NORM = ATTENTION = SELF_ATTENTION = ATTENTION_DECODE = None
-    EMBEDDING = QKV_ROTARY = None
+    ATTENTION_AFTER_PREFIX = EMBEDDING = QKV_ROTARY = None
 else:
     MATMUL = _op("LlavaMatmul", _rows_of_weight)            # (x [..., K], W) -> x @ W^T [..., N]
     LINEAR = _op("LlavaLinear", _rows_of_weight)            # (x, W, bias [N], ACTIVATIONS code int32 [1])
@@ -128,11 +128,14 @@ else:
     RMS_NORM = _op("LlavaRMSNorm", _like_first)             # (x [..., C], weight, eps [1])
     # (q [B,H,T,D], k, v [B,H,L,D], mask [B|1,H|1,T,L], scale [1], half int32 [1]: bfloat16 products) -> [B,T,H,D]
     ATTENTION = _op("LlavaAttention", _tokens_major)
+    # (q, k, v [B,H,T,D], prefix k, v [1,H,P,D] float32 or float16, mask [B|1,H|1,T,P+T], scale [1], half int32
+    # [1]) -> [B,T,H,D]: prompts that continue one prefix attend to it (one copy for all rows) and to themselves
+    ATTENTION_AFTER_PREFIX = _op("LlavaAttentionAfterPrefix", _tokens_major)
     # (q, k, v [B,T,H*D], heads int32 [1], scale [1], half int32 [1]) -> [B,T,H*D]: every token sees every token,
     # heads split inside
     SELF_ATTENTION = _op("LlavaSelfAttention", _like_first)
-    # (q, k_new, v_new [B,H,1,D], k_cache, v_cache [B,H,L,D] float32 or float16, mask [B,1,1,L], scale [1]):
-    # one token after a cache
+    # (q, k_new, v_new [B,H,1,D], k_cache, v_cache [B,H,L,D] float32 or float16, mask [B,1,1,L], sharing int32
+    # [B,2]: row b's first sharing[b,1] slots read from row sharing[b,0], scale [1]): one token after a cache
     ATTENTION_DECODE = _op("LlavaAttentionDecode", _like_first)
     EMBEDDING = _op("LlavaEmbedding", _rows_of_table)       # (table [V, D], ids int32 [...]) -> [..., D]
     # (x [B,T,K], Wq, Wk, Wv [N,K], positions int32 [B,T], cos, sin [P,D]) -> [3,B,H,T,D]: q, k rotated, v

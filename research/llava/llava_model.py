@@ -253,13 +253,31 @@ class Attention(nn.Cell):
         probs = self.softmax(scores).astype(value.dtype)
         return merge_heads(self.weighted_sum(probs, value))
 
-    def with_cache(self, query, key, value, cached_key, cached_value, mask):
+    def after_prefix(self, query, key, value, prefix_key, prefix_value, mask):
+        """Prompts that continue one prefix: query, key, value [B,H,T,D] of their own tokens; prefix_key/value
+        [1,H,P,D] (the KV cache's dtype), which every row attends to before its own tokens; mask [B or 1, 1, T,
+        P+T] -> [B, T, H*D]. The kernel reads the one copy of the prefix for all rows; MindSpore's ops need it
+        in every row."""
+        if self.kernel:
+            batch, heads, length, dim = query.shape
+            query, key, value = query.astype(ms.float32), key.astype(ms.float32), value.astype(ms.float32)
+            attended = llava_kernels.ATTENTION_AFTER_PREFIX(query, key, value, prefix_key, prefix_value, mask,
+                                                            self.scale_tensor, self.half_products)
+            return attended.reshape(batch, length, heads * dim)
+        rows = (query.shape[0],) + prefix_key.shape[1:]
+        key = ops.concat((ops.broadcast_to(prefix_key, rows), key.astype(prefix_key.dtype)), 2)
+        value = ops.concat((ops.broadcast_to(prefix_value, rows), value.astype(prefix_value.dtype)), 2)
+        return self.construct(query, key, value, mask)
+
+    def with_cache(self, query, key, value, cached_key, cached_value, mask, sharing):
         """One new token per row that attends to the cached positions the mask leaves visible and to itself:
-        query, key, value [B,H,1,D]; cached_key/value [B,H,L,D]; mask [B,H,1,L] -> [B,1,H*D]. The new token's
-        key/value are not in the cache yet (KVCache.write puts them there after the step)."""
+        query, key, value [B,H,1,D]; cached_key/value [B,H,L,D]; mask [B,H,1,L]; sharing [B,2] int32
+        (KVCache.sharing: where the kernel reads a row's first positions; the values are the same in every
+        row that holds them) -> [B,1,H*D]. The new token's key/value are not in the cache yet (KVCache.write
+        puts them there after the step)."""
         if self.kernel:  # float32 q, k, v; the cache float32 or float16; reads only the slots the mask shows
             return merge_heads(llava_kernels.ATTENTION_DECODE(query, key, value, cached_key, cached_value, mask,
-                                                              self.scale_tensor))
+                                                              sharing, self.scale_tensor))
         query, key, value = (tensor.astype(cached_key.dtype) for tensor in (query, key, value))
         query = query * self.scale
         cached = self.scores(query, cached_key).astype(ms.float32) + mask
@@ -415,8 +433,9 @@ class KVCache:
       16-row, 1024-position cache took 378 ms on CPU, against 2 ms for ScatterUpdate).
 
     It allocates, writes, reads a row's first positions back (`read`: a prefix that later prompts continue)
-    and says what a decode step may see (`decode_mask`); which sequence is in which row, and for how long, is
-    the caller's (llava_steps.py). Runtime state, never saved in checkpoints.
+    and says what a decode step may see (`decode_mask`) and which rows hold the same prefix (`sharing`: the
+    decode kernel reads it once for all of them); which sequence is in which row, and for how long, is the
+    caller's (llava_steps.py). Runtime state, never saved in checkpoints.
     """
 
     BLOCK = 256  # lengths are multiples of this: each new cache shape costs a compile of the decode step
@@ -432,6 +451,8 @@ class KVCache:
         self._views = {}
         self.batch = self.length = 0
         self.version = 0  # bumped at each allocation: whoever kept views of the older buffers drops them
+        self._held = {}  # row -> (prefix tag, P): the row's positions 0..P-1 hold that prefix (read, write_prefix)
+        self._tags = 0
         self._scatter = ops.ScatterUpdate()
 
     def allocate(self, batch, length):
@@ -451,7 +472,7 @@ class KVCache:
         else:
             flat = (batch * self.num_heads * length, self.head_dim)
             self.buffers = tuple(ops.zeros(flat, self.dtype) for _ in range(2 * self.num_layers))
-        self._views = {}
+        self._views, self._held = {}, {}
         self.batch, self.length = batch, length
         self.version += 1
 
@@ -471,6 +492,9 @@ class KVCache:
         """A step's keys and values (per layer [B, H, T, D]) into cache rows `rows` [B], row rows[b] at positions
         start[b]..start[b]+T-1."""
         rows, start = np.asarray(rows, np.int64), np.asarray(start, np.int64)
+        for row, first in zip(rows.tolist(), start.tolist()):
+            if first < self._held.get(row, (None, 0))[1]:  # over a prefix it held (a freed row's idle decode)
+                del self._held[row]
         steps = keys[0].shape[2]
         if self.host:
             for buffer, new in zip(self.buffers, keys + values):
@@ -485,19 +509,23 @@ class KVCache:
         for buffer, new in zip(self.buffers, keys + values):
             self._scatter(buffer, index, new.reshape(-1, self.head_dim).astype(self.dtype))
 
-    def write_prefix(self, rows, prefix_keys, prefix_values):
-        """The same first P positions (per layer [1, H, P, D]: `read`) into every row of `rows`."""
+    def write_prefix(self, rows, prefix_keys, prefix_values, tag):
+        """The same first P positions (per layer [1, H, P, D]: `read`, which gave `tag`) into every row of
+        `rows`."""
         length = prefix_keys[0].shape[2]
         if self.host:
             for buffer, prefix in zip(self.buffers, prefix_keys + prefix_values):
                 buffer[np.asarray(rows), :, :length] = prefix.asnumpy()  # [1, H, P, D] to every row
-            return
-        tiled = tuple(ops.tile(prefix, (len(rows), 1, 1, 1)) for prefix in prefix_keys + prefix_values)
-        self.write(rows, np.zeros(len(rows)), tiled[:self.num_layers], tiled[self.num_layers:])
+        else:
+            tiled = tuple(ops.tile(prefix, (len(rows), 1, 1, 1)) for prefix in prefix_keys + prefix_values)
+            self.write(rows, np.zeros(len(rows)), tiled[:self.num_layers], tiled[self.num_layers:])
+        self._held.update((int(row), (tag, length)) for row in rows)
 
     def read(self, row, length):
         """The keys and values of positions 0..length-1 of cache row `row`: per layer [1, H, length, D]
-        (copies: the row may be overwritten afterwards)."""
+        (copies: the row may be overwritten afterwards), and a tag naming them for `write_prefix`."""
+        self._tags += 1
+        self._held[row] = (self._tags, length)
         if self.host:
             tensors = tuple(Tensor.from_numpy(np.ascontiguousarray(buffer[row:row + 1, :, :length]))
                             for buffer in self.buffers)
@@ -505,7 +533,18 @@ class KVCache:
             index = self._flat_index([row], np.arange(length)[None])
             shape = (1, self.num_heads, length, self.head_dim)
             tensors = tuple(ops.gather(buffer, index, 0).reshape(shape) for buffer in self.buffers)
-        return tensors[:self.num_layers], tensors[self.num_layers:]
+        return tensors[:self.num_layers], tensors[self.num_layers:], self._tags
+
+    def sharing(self, rows):
+        """[rows, 2] int32 for a decode step over the first `rows` rows: for a row that holds a prefix, (the
+        first of those rows that holds the same one, its length P), else (the row itself, 0). Rows that
+        continue one cached prompt start each hold a copy of it; the decode kernel reads one copy for all."""
+        table = np.stack([np.arange(rows), np.zeros(rows, np.int64)], 1).astype(np.int32)
+        first = {}
+        for row in range(rows):
+            if row in self._held:
+                table[row] = (first.setdefault(self._held[row], row), self._held[row][1])
+        return table
 
     def _flat_index(self, rows, positions):
         """rows [B], positions [B, T] -> int32 Tensor [B*H*T]: the flat buffer row of each (row, head,
@@ -536,16 +575,16 @@ class LlamaAttention(nn.Cell):
         self.attention = Attention(self.head_dim, precision)
         self.kernel = precision.kernels
 
-    def construct(self, x, rotary, mask, cached_key=None, cached_value=None, after_prefix=False):
+    def construct(self, x, rotary, mask, cached_key=None, cached_value=None, after_prefix=False, sharing=None):
         """x [B, T, Ht] -> (output [B, T, Ht], this step's keys and values [B, H, T, D], for the KV cache).
 
         rotary: (cos, sin) [B, H, T, D]; with the kernels (positions [B, T], cos table, sin table [P, D]).
         Three ways to attend:
         - no cache (prompt, training): the T tokens attend to each other (mask [B or 1, 1, T, T]);
         - cached_key, cached_value [B, H, L, D] (decode, T = 1): attend to the cache slots the mask leaves
-          visible ([B, 1, 1, L]) and to this token;
-        - after_prefix: cached_key, cached_value [B, H, P, D] are the first P positions of the prompt these T
-          tokens continue (a cached prefix, all visible): attend to them and to each other (mask [B or 1, 1, T,
+          visible ([B, 1, 1, L]) and to this token (sharing [B, 2]: see Attention.with_cache);
+        - after_prefix: cached_key, cached_value [1, H, P, D] are the first P positions of the prompt every row's
+          T tokens continue (a cached prefix, all visible): attend to them and to each other (mask [B or 1, 1, T,
           P + T]).
         """
         if self.kernel:  # the three products, the rotary embedding and the head split in one op
@@ -559,11 +598,9 @@ class LlamaAttention(nn.Cell):
         if cached_key is None:
             attended = self.attention(query, key, value, mask)
         elif after_prefix:
-            key, value = key.astype(cached_key.dtype), value.astype(cached_value.dtype)
-            attended = self.attention(query, ops.concat((cached_key, key), 2), ops.concat((cached_value, value), 2),
-                                      mask)
+            attended = self.attention.after_prefix(query, key, value, cached_key, cached_value, mask)
         else:
-            attended = self.attention.with_cache(query, key, value, cached_key, cached_value, mask)
+            attended = self.attention.with_cache(query, key, value, cached_key, cached_value, mask, sharing)
         return self.o_proj(attended), key, value
 
 
@@ -597,9 +634,9 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision)
         self.mlp = LlamaMLP(config, precision, tensor_parallel)
 
-    def construct(self, x, rotary, mask, cached_key=None, cached_value=None, after_prefix=False):
+    def construct(self, x, rotary, mask, cached_key=None, cached_value=None, after_prefix=False, sharing=None):
         attended, key, value = self.self_attn(self.input_layernorm(x), rotary, mask, cached_key, cached_value,
-                                              after_prefix)
+                                              after_prefix, sharing)
         x = x + attended.astype(ms.float32)
         return x + self.mlp(self.post_attention_layernorm(x)).astype(ms.float32), key, value
 
@@ -619,13 +656,15 @@ class LlamaModel(nn.Cell):
         self.cos, self.sin = rotary_tables(config.head_dim, max_positions, config.rope_theta)
         self.gather = ops.Gather()
 
-    def construct(self, hidden, positions, mask, cached_keys=None, cached_values=None, after_prefix=False):
+    def construct(self, hidden, positions, mask, cached_keys=None, cached_values=None, after_prefix=False,
+                  sharing=None):
         """hidden [B, T, Ht], positions [B, T] int32, mask [B or 1, 1, T, L] -> (normed hidden [B, T, Ht]
         float32, this step's keys and values: per layer [B, H, T, D], for KVCache.write).
 
-        cached_keys, cached_values: per layer [B, H, L, D] (KVCache.views) for a decode step; with after_prefix,
-        [B, H, P, D], the cached first P positions of the prompts these tokens continue; else None (a whole
-        prompt). See LlamaAttention.
+        cached_keys, cached_values: per layer [B, H, L, D] (KVCache.views) for a decode step, with sharing
+        [B, 2] (KVCache.sharing); with after_prefix,
+        [1, H, P, D], the cached first P positions that every row's tokens continue; else None (a whole prompt).
+        See LlamaAttention.
         """
         # Broadcasting elementwise ops are many times slower than same-shape ones on CPU (bench/RESULTS.md), so
         # the rotary tables, and the mask for MindSpore's attention, are tiled to every head once here.
@@ -642,7 +681,7 @@ class LlamaModel(nn.Cell):
                 hidden, key, value = layer(hidden, rotary, mask)
             else:
                 hidden, key, value = layer(hidden, rotary, mask, cached_keys[index], cached_values[index],
-                                           after_prefix)
+                                           after_prefix, sharing)
             keys, values = keys + (key,), values + (value,)
         return self.norm(hidden), keys, values
 

@@ -25,7 +25,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-PREFILL_BLOCK = 32  # prompts are padded to a multiple of this: it bounds the number of compiled prefill graphs
+PREFILL_BLOCK = 32  # compiled prefills pad prompts to a multiple of this: it bounds the number of graphs
 MASK_VALUE = -1e9  # finite: fully masked padding rows must not produce NaN
 
 
@@ -45,6 +45,7 @@ class Prefix:
     keys: tuple
     values: tuple
     length: int
+    tag: int  # names it in the KV cache, which tracks the rows that hold it (KVCache.sharing)
 
     @property
     def nbytes(self):
@@ -85,7 +86,7 @@ class PrefillStep(nn.Cell):
         last_index [B] (flat index of each row's last token) -> (logits [B, V] float32, keys, values: per layer
         [B, H, S, D]).
 
-        prefix_keys, prefix_values: per layer [B, H, P, D], the first P positions that these prompts continue
+        prefix_keys, prefix_values: per layer [1, H, P, D], the first P positions that these prompts continue
         (positions P.., mask [1, 1, S, P+S])."""
         batch, length = text_ids.shape
         hidden = merge_image_features(self.language_model.embed_tokens(text_ids), image_features, merge_index)
@@ -107,17 +108,18 @@ class DecodeStep(nn.Cell):
         self.language_model = model.language_model
         self.lm_head = model.lm_head
 
-    def eager(self, token_ids, positions, mask, cached_keys, cached_values):
+    def eager(self, token_ids, positions, mask, cached_keys, cached_values, sharing):
         """token_ids, positions [B, 1] int32; mask [B, 1, 1, L]; cached_keys, cached_values: per layer
-        [B, H, L, D] (KVCache.views) -> (logits [B, V] float32, keys, values: per layer [B, H, 1, D])."""
+        [B, H, L, D] (KVCache.views); sharing [B, 2] int32 (KVCache.sharing) -> (logits [B, V] float32, keys,
+        values: per layer [B, H, 1, D])."""
         hidden, keys, values = self.language_model(self.language_model.embed_tokens(token_ids), positions, mask,
-                                                   cached_keys, cached_values)
+                                                   cached_keys, cached_values, False, sharing)
         return self.lm_head(hidden[:, 0]).astype(ms.float32), keys, values
 
     # jit_level O1 (MindSpore's graph fusion passes): ~10% faster per token than O0 (bench/RESULTS.md).
     @ms.jit(jit_level="O1")
-    def compiled(self, token_ids, positions, mask, cached_keys, cached_values):
-        return self.eager(token_ids, positions, mask, cached_keys, cached_values)
+    def compiled(self, token_ids, positions, mask, cached_keys, cached_values, sharing):
+        return self.eager(token_ids, positions, mask, cached_keys, cached_values, sharing)
 
 
 class ModelRunner:
@@ -160,7 +162,8 @@ class ModelRunner:
         start = 0 if prefix is None else prefix.length
         lengths = np.array([len(prompt) for prompt in prompts], np.int32)
         batch = len(prompts)
-        padded_length = -(-int(lengths.max()) // PREFILL_BLOCK) * PREFILL_BLOCK
+        block = PREFILL_BLOCK if self.compile_prefill else 1  # op by op, any length runs without a compile
+        padded_length = -(-int(lengths.max()) // block) * block
         if use_cache:
             padded_length = max(int(lengths.max()), min(padded_length, self.cache.length - start))
         padded = np.full((batch, padded_length), self.model.config.pad_token_id, np.int32)
@@ -176,24 +179,22 @@ class ModelRunner:
                   causal_mask(padded_length, start), Tensor(last_index)]
         if prefix is not None:
             # mutable: a tuple of tensors is otherwise a constant of a compiled graph (as in `decode`).
-            def rows_of(tensors):
-                return tuple(tensor if batch == 1 else ops.tile(tensor, (batch, 1, 1, 1)) for tensor in tensors)
-            inputs += [ms.mutable(rows_of(prefix.keys)), ms.mutable(rows_of(prefix.values))]
+            inputs += [ms.mutable(prefix.keys), ms.mutable(prefix.values)]
         run = self.prefill_step.compiled if self.compile_prefill else self.prefill_step.eager
         logits, keys, values = run(*inputs)
         logits = logits.asnumpy()  # before the cache writes, as in `decode`
         if use_cache:
             rows = np.arange(batch) if rows is None else rows
             if prefix is not None:
-                self.cache.write_prefix(rows, prefix.keys, prefix.values)
+                self.cache.write_prefix(rows, prefix.keys, prefix.values, prefix.tag)
             self.cache.write(rows, np.full(batch, start), keys, values)
         return logits
 
     def read_prefix(self, row, length):
         """The first `length` positions of cache row `row` (a prompt prefilled there) as a Prefix that later
         prompts can continue."""
-        keys, values = self.cache.read(row, length)
-        return Prefix(keys, values, length)
+        keys, values, tag = self.cache.read(row, length)
+        return Prefix(keys, values, length, tag)
 
     def decode(self, tokens, positions):
         """One compiled step over the first len(tokens) cache rows: tokens [n] at positions [n] (each row's own)
@@ -206,7 +207,7 @@ class ModelRunner:
         # mutable: a tuple of tensors is otherwise a constant of the graph, and the cache changes every step.
         logits, keys, values = self.decode_step.compiled(token_ids, Tensor(positions),
                                                          self.cache.decode_mask(positions), ms.mutable(cached_keys),
-                                                         ms.mutable(cached_values))
+                                                         ms.mutable(cached_values), Tensor(self.cache.sharing(rows)))
         # Wait for the step before queueing the cache writes: queued behind a running graph, MindSpore's op
         # launcher competes with it for the cores (a decode step ~1.5x slower; bench/RESULTS.md).
         logits = logits.asnumpy()

@@ -3,17 +3,20 @@
 //   y[M, N] (float32) = x[M, K] (float32) @ W[N, K]^T,   W float32, float16 or bfloat16, stored [N, K]
 //                                                         (one contiguous row per output: HF's layout)
 //
-// Few rows (a decode step of fewer than m_large = 8 sequences): our own kernels. Decode reads every weight once
-// per step, so they are bound by memory bandwidth: W is read row by row at its own width (16-bit W: half the
-// bytes of float32) and widened in registers; accumulation in float32.
-//     avx512bf16  bfloat16 W and M >= 4 only: x rounded to bfloat16, vdpbf16ps (32 multiply-adds per
-//                 instruction); with fewer rows or other weights it is the avx512 path
+// Few rows (a decode step of fewer than m_large = 8 sequences): the decode kernels. Decode reads every weight
+// once per step, so they are bound by memory bandwidth: W is read row by row at its own width (16-bit W: half
+// the bytes of float32) and widened in registers; accumulation in float32.
+//     avx512bf16  bfloat16 W and M >= 4 only: the packed kernel below; with fewer rows or other weights it is
+//                 the avx512 path
 //     avx512      AVX-512 fp32 FMA          avx2  AVX2 + FMA + F16C          scalar  portable C++
-// More rows (a prompt, or a decode step of 8+ sequences: arithmetic starts to count): oneDNN's matmul, from
-// the libdnnl.so.3 that MindSpore ships (dlopen'ed; its C API is declared below), bound by arithmetic. 16-bit
-// W on a CPU with bfloat16 arithmetic (AVX512-BF16 or AMX): x rounded to bfloat16, a bfloat16 W used in place,
-// a float16 W converted 1024 rows at a time; otherwise, and for float32 W, float32 arithmetic. Without oneDNN
-// the decode kernels take every M.
+// More rows (a prompt, or a decode step of 8+ sequences: arithmetic starts to count), bound by arithmetic:
+//     packed      16-bit W on a CPU with AVX512-BF16: our packed kernel, x and W rounded to bfloat16 in cache,
+//                 vdpbf16ps (32 multiply-adds per instruction), float32 sums
+//     onednn      float32 W (float32 arithmetic), and 16-bit W on CPUs without AVX512-BF16: oneDNN's matmul,
+//                 from the libdnnl.so.3 that MindSpore ships (dlopen'ed; its C API is declared below); a 16-bit W
+//                 converted 1024 rows at a time (to bfloat16 with bfloat16 arithmetic, else float32). The packed
+//                 kernel beats it at every row count measured for float16 W, which it must first convert
+//                 (bench/RESULTS.md, kernels). Without oneDNN the decode kernels take every M.
 //
 // Around the multiplies, what a layer does between them, each in one pass over memory (MindSpore's CPU ops take
 // several, and each op of an op-by-op prompt costs its dispatch): bias and activation added as the product is
@@ -54,7 +57,7 @@
 enum WeightType { WT_F32 = 0, WT_F16 = 1, WT_BF16 = 2 };
 template <int WT> using Elem = std::conditional_t<WT == WT_F32, float, uint16_t>;
 enum SmallPath { SP_SCALAR = 0, SP_AVX2 = 1, SP_AVX512 = 2, SP_AVX512BF = 3 };
-enum LargePath { LP_DECODE = 0, LP_ONEDNN = 1 };
+enum LargePath { LP_DECODE = 0, LP_ONEDNN = 1, LP_PACKED = 2 };  // packed: 16-bit W only, float32 W by oneDNN
 
 // ------------------------------------------------------------------------------------------ CPU and settings
 struct Cpu { bool avx2 = false, avx512 = false, avx512bf16 = false, amx = false; };
@@ -87,8 +90,8 @@ static Cpu detect_cpu() {
 struct Settings {
   Cpu cpu;
   int small_path = SP_SCALAR;  // the best the CPU has, unless a test forces another
-  int large_path = LP_ONEDNN;
-  int64_t m_large = 8;         // M >= m_large: oneDNN (from 8 rows on it beats the decode kernels: RESULTS.md)
+  int large_path = LP_ONEDNN;  // LP_PACKED where the CPU has AVX512-BF16
+  int64_t m_large = 8;         // M >= m_large: the large path (from 8 rows on it beats the decode kernels: RESULTS.md)
   int bf16_dot_min_m = 4;      // avx512bf16 with bfloat16 W from this many rows on (below: widening is as fast)
   int nthreads = 1;
   int64_t onednn_chunk = 1024; // rows of a float16 W converted per oneDNN call
@@ -106,7 +109,7 @@ static int usable_cpus() {
 static void default_paths() {
   Settings defaults;
   g.small_path = g.cpu.avx512bf16 ? SP_AVX512BF : g.cpu.avx512 ? SP_AVX512 : g.cpu.avx2 ? SP_AVX2 : SP_SCALAR;
-  g.large_path = defaults.large_path;
+  g.large_path = g.cpu.avx512bf16 ? LP_PACKED : defaults.large_path;
   g.m_large = defaults.m_large;
 }
 static void init_settings() {
@@ -398,60 +401,111 @@ T512 static void rows_512(const float* x, int64_t M, const Elem<WT>* w, int64_t 
   for (; n < n1; n++) all_m_512<WT, 1>(x, M, w + n * K, K, y + n, N);
 }
 
-// avx512bf16, bfloat16 W: x pre-rounded to bfloat16 (rows of ldx values, zero-padded to a multiple of 32), 32
-// k-values of W per 64-byte load. K is blocked (BF_KC) so the block of x stays in L1; partial sums of a tile live
-// in `part` between K blocks.
-constexpr int64_t BF_KC = 1024;
+// avx512bf16, 16-bit W and M >= 4: bfloat16 products with float32 sums (oneDNN's prompt path's arithmetic). W is
+// read once per call, a block of 64 rows by PK_KC k at a time, rounded to bfloat16 and packed in cache as
+// [k pair][64 outputs][2]: one 64-byte load then holds, for 16 outputs, their next two k values, and vdpbf16ps
+// with a row of x's two values broadcast adds those 16 outputs' products. Sums stay in registers (no horizontal
+// reductions) for a tile of PK_MR rows of x by the 64 outputs. x is pre-rounded to bfloat16 (rows of ldx values,
+// zero-padded to a multiple of 32).
+constexpr int64_t PK_KC = 2048;  // k per block: long runs of each W row (DRAM streams), 256 KB packed (in L2)
+constexpr int PK_MR = 6;        // 6 x 4 accumulators + 4 of W + 1 of x in AVX-512's 32 registers
 
-template <int NR, int MR>
-T512BF static void tile_bf16(const uint16_t* xb, int64_t ldx, const uint16_t* w, int64_t K, int64_t k0, int64_t k1,
-                             float* y, int64_t ldy, float* part, bool first, bool last) {
-  __m512 acc[MR][NR];
+// n values of one W row -> bfloat16 (rounded to nearest even; a bfloat16 W is copied).
+template <int WT> T512BF static void bf16_row(const uint16_t* s, uint16_t* d, int64_t n) {
+  if constexpr (WT == WT_BF16) { memcpy(d, s, n * 2); return; }
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    _mm512_storeu_si512((void*)(d + i),
+                        (__m512i)_mm512_cvtne2ps_pbh(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + i + 16))),
+                                                     _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + i)))));
+  for (; i < n; i++) d[i] = f32_to_bf16(f16_to_f32(s[i]));
+}
+
+// 16 bfloat16 rows (row stride ld) by `count` <= 32 k values -> out[p * ldo + r] = the pair (row r's 2p, 2p+1)
+// for p < 16: a 16 x 16 transpose of 32-bit pairs (unpack 32, unpack 64, two 128-bit lane shuffles). Rows at or
+// past `rows` and k at or past `count` are zeros.
+T512BF static void pack16x32(const uint16_t* w, int64_t ld, int rows, int64_t count, uint32_t* out, int64_t ldo) {
+  __mmask32 mask = count >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << count) - 1);
+  __m512i a[16], b[16], c[16];
+  for (int r = 0; r < 16; r++) a[r] = r < rows ? _mm512_maskz_loadu_epi16(mask, w + r * ld) : _mm512_setzero_si512();
+  for (int r = 0; r < 16; r += 2) {
+    b[r] = _mm512_unpacklo_epi32(a[r], a[r + 1]);
+    b[r + 1] = _mm512_unpackhi_epi32(a[r], a[r + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // c[g + j], 128-bit lane L: rows g..g+3 at pair 4L + j
+    c[g] = _mm512_unpacklo_epi64(b[g], b[g + 2]);
+    c[g + 1] = _mm512_unpackhi_epi64(b[g], b[g + 2]);
+    c[g + 2] = _mm512_unpacklo_epi64(b[g + 1], b[g + 3]);
+    c[g + 3] = _mm512_unpackhi_epi64(b[g + 1], b[g + 3]);
+  }
+  for (int j = 0; j < 4; j++) {
+    __m512i d0 = _mm512_shuffle_i32x4(c[j], c[4 + j], 0x44), d1 = _mm512_shuffle_i32x4(c[j], c[4 + j], 0xEE);
+    __m512i d2 = _mm512_shuffle_i32x4(c[8 + j], c[12 + j], 0x44), d3 = _mm512_shuffle_i32x4(c[8 + j], c[12 + j], 0xEE);
+    _mm512_storeu_si512((void*)(out + (0 + j) * ldo), _mm512_shuffle_i32x4(d0, d2, 0x88));
+    _mm512_storeu_si512((void*)(out + (4 + j) * ldo), _mm512_shuffle_i32x4(d0, d2, 0xDD));
+    _mm512_storeu_si512((void*)(out + (8 + j) * ldo), _mm512_shuffle_i32x4(d1, d3, 0x88));
+    _mm512_storeu_si512((void*)(out + (12 + j) * ldo), _mm512_shuffle_i32x4(d1, d3, 0xDD));
+  }
+}
+
+// y[0:MR, 0:n] (+)= x pairs [MR][pairs] . packed [pairs][64]; the first k block writes, later ones add.
+template <int MR>
+T512BF static void tile_packed(const uint32_t* xp, int64_t ldxp, const uint32_t* wp, int64_t pairs, float* y,
+                               int64_t ldy, int n, bool first) {
+  __mmask16 lanes[4];
+  for (int v = 0; v < 4; v++) {
+    int valid = std::min(16, std::max(0, n - 16 * v));
+    lanes[v] = valid == 16 ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1);
+  }
+  __m512 acc[MR][4];
   for (int m = 0; m < MR; m++)
-    for (int r = 0; r < NR; r++) acc[m][r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(part + (m * NR + r) * 16);
-  for (int64_t k = k0; k < k1; k += 32) {
-    __mmask32 mask = k1 - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (k1 - k)) - 1);
-    __m512bh xv[MR];
-    for (int m = 0; m < MR; m++) xv[m] = (__m512bh)_mm512_loadu_si512((const void*)(xb + m * ldx + k));
-    for (int r = 0; r < NR; r++) {
-      __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
-      for (int m = 0; m < MR; m++) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv[m], wv);
+    for (int v = 0; v < 4; v++)
+      acc[m][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lanes[v], y + m * ldy + 16 * v);
+  for (int64_t p = 0; p < pairs; p++) {
+    __m512bh wv[4];
+    for (int v = 0; v < 4; v++) wv[v] = (__m512bh)_mm512_loadu_si512((const void*)(wp + p * 64 + 16 * v));
+    for (int m = 0; m < MR; m++) {
+      __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xp[m * ldxp + p]);
+      for (int v = 0; v < 4; v++) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], xv, wv[v]);
     }
   }
   for (int m = 0; m < MR; m++)
-    for (int r = 0; r < NR; r++) {
-      if (last) y[m * ldy + r] = _mm512_reduce_add_ps(acc[m][r]);
-      else _mm512_storeu_ps(part + (m * NR + r) * 16, acc[m][r]);
+    for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(y + m * ldy + 16 * v, lanes[v], acc[m][v]);
+}
+
+// y[:, n0:n1] for rows n0..n1 of W.
+template <int WT>
+T512BF static void rows_packed(const uint16_t* xb, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, float* y,
+                               int64_t N, int64_t n0, int64_t n1) {
+  static thread_local std::vector<uint32_t> buffer(PK_KC / 2 * 64);
+  static thread_local std::vector<uint16_t> staged(16 * PK_KC);
+  uint32_t* packed = buffer.data();
+  const uint32_t* xp = (const uint32_t*)xb;
+  int64_t ldxp = ldx / 2;
+  for (int64_t n = n0; n < n1; n += 64) {
+    int rows = (int)std::min<int64_t>(64, n1 - n);
+    for (int64_t k0 = 0; k0 < K; k0 += PK_KC) {
+      int64_t kc = std::min(PK_KC, K - k0), pairs = (kc + 31) / 32 * 16;
+      for (int g = 0; g < 4; g++) {
+        int group = std::max(0, std::min(16, rows - 16 * g));
+        for (int r = 0; r < group; r++)  // one W row after the other: one sequential stream (see row_dot_512)
+          bf16_row<WT>(w + (n + 16 * g + r) * K + k0, staged.data() + r * PK_KC, kc);
+        for (int64_t k = 0; k < kc; k += 32)
+          pack16x32(staged.data() + k, PK_KC, group, std::min<int64_t>(32, kc - k), packed + k / 2 * 64 + 16 * g, 64);
+      }
+      int64_t m = 0;
+      for (; m + PK_MR <= M; m += PK_MR)
+        tile_packed<PK_MR>(xp + m * ldxp + k0 / 2, ldxp, packed, pairs, y + m * N + n, N, rows, k0 == 0);
+      const uint32_t* xm = xp + m * ldxp + k0 / 2;
+      float* ym = y + m * N + n;
+      switch (M - m) {
+        case 5: tile_packed<5>(xm, ldxp, packed, pairs, ym, N, rows, k0 == 0); break;
+        case 4: tile_packed<4>(xm, ldxp, packed, pairs, ym, N, rows, k0 == 0); break;
+        case 3: tile_packed<3>(xm, ldxp, packed, pairs, ym, N, rows, k0 == 0); break;
+        case 2: tile_packed<2>(xm, ldxp, packed, pairs, ym, N, rows, k0 == 0); break;
+        case 1: tile_packed<1>(xm, ldxp, packed, pairs, ym, N, rows, k0 == 0); break;
+      }
     }
-}
-
-template <int NR>
-T512BF static void all_m_bf16(const uint16_t* xb, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, int64_t k0,
-                              int64_t k1, float* y, int64_t N, float* part, bool first, bool last) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4, part += 4 * NR * 16)
-    tile_bf16<NR, 4>(xb + m * ldx, ldx, w, K, k0, k1, y + m * N, N, part, first, last);
-  switch (M - m) {
-    case 3: tile_bf16<NR, 3>(xb + m * ldx, ldx, w, K, k0, k1, y + m * N, N, part, first, last); break;
-    case 2: tile_bf16<NR, 2>(xb + m * ldx, ldx, w, K, k0, k1, y + m * N, N, part, first, last); break;
-    case 1: tile_bf16<NR, 1>(xb + m * ldx, ldx, w, K, k0, k1, y + m * N, N, part, first, last); break;
-  }
-}
-
-T512BF static void rows_bf16(const uint16_t* xb, int64_t ldx, int64_t M, const uint16_t* w, int64_t K, float* y,
-                             int64_t N, int64_t n0, int64_t n1) {
-  int64_t kc = M > 4 ? BF_KC : K;
-  int64_t m_padded = (M + 3) / 4 * 4;
-  static thread_local std::vector<float> partial;
-  if (kc < K) partial.resize(std::max(partial.size(), (size_t)((n1 - n0 + 3) / 4 * 4 * m_padded * 16)));
-  for (int64_t k0 = 0; k0 < K; k0 += kc) {
-    int64_t k1 = std::min(K, k0 + kc);
-    float* part = partial.data();
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4, part += m_padded * 4 * 16)
-      all_m_bf16<4>(xb, ldx, M, w + n * K, K, k0, k1, y + n, N, part, k0 == 0, k1 == K);
-    for (; n < n1; n++, part += m_padded * 16)
-      all_m_bf16<1>(xb, ldx, M, w + n * K, K, k0, k1, y + n, N, part, k0 == 0, k1 == K);
   }
 }
 
@@ -467,25 +521,29 @@ T512BF static void rows_to_bf16_padded(const float* x, int64_t M, int64_t K, uin
   }
 }
 
+// The packed kernel over all of y: x rounded to bfloat16 once, W's rows handed out 64 at a time (about 8
+// chunks per thread).
+template <int WT>
+T512BF static void packed_matmul(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K) {
+  int64_t ldx = (K + 31) / 32 * 32;
+  static thread_local std::vector<uint16_t> x_bf16;
+  x_bf16.resize(std::max(x_bf16.size(), (size_t)(M * ldx)));
+  uint16_t* xb = x_bf16.data();
+  rows_to_bf16_padded(x, M, K, xb, ldx);
+  int64_t nt = g.nthreads, chunk = std::max<int64_t>(64, ((N + nt * 8 - 1) / (nt * 8) + 63) / 64 * 64);
+  parallel_for((int)((N + chunk - 1) / chunk), [&](int t) {
+    int64_t n0 = t * chunk;
+    rows_packed<WT>(xb, ldx, M, w, K, y, N, n0, std::min(N, n0 + chunk));
+  });
+}
+
 template <int WT>
 static void decode_matmul(const float* x, const Elem<WT>* w, float* y, int64_t M, int64_t N, int64_t K) {
   int path = best_small_path_up_to(g.small_path);
-  int nt = g.nthreads;
   if constexpr (WT == WT_BF16) {
-    if (path == SP_AVX512BF && M >= g.bf16_dot_min_m) {
-      int64_t ldx = (K + 31) / 32 * 32;
-      static thread_local std::vector<uint16_t> x_bf16;
-      x_bf16.resize(std::max(x_bf16.size(), (size_t)(M * ldx)));
-      uint16_t* xb = x_bf16.data();
-      rows_to_bf16_padded(x, M, K, xb, ldx);
-      int64_t chunk = std::max<int64_t>(16, ((N + nt * 8 - 1) / (nt * 8) + 7) / 8 * 8);
-      parallel_for((int)((N + chunk - 1) / chunk), [&](int t) {
-        int64_t n0 = t * chunk;
-        rows_bf16(xb, ldx, M, w, K, y, N, n0, std::min(N, n0 + chunk));
-      });
-      return;
-    }
+    if (path == SP_AVX512BF && M >= g.bf16_dot_min_m) return packed_matmul<WT>(x, w, y, M, N, K);
   }
+  int nt = g.nthreads;
   void (*rows)(const float*, int64_t, const Elem<WT>*, int64_t, float*, int64_t, int64_t, int64_t) =
       path >= SP_AVX512 ? rows_512<WT> : path == SP_AVX2 ? rows_avx2<WT> : rows_scalar<WT>;
   // About 8 chunks per thread (load balance), each a multiple of 8 rows of W.
@@ -888,32 +946,58 @@ static void softmax_row_any(float* s, const float* mask, int64_t L, float scale)
   for (int64_t l = 0; l < L; l++) s[l] /= total;
 }
 
+// A prefix the batch rows share (a cached prompt start that several prompts continue): its keys and values
+// [H, P, D], float32 or float16 (the KV cache's type); attended by every row before the row's own L keys.
+struct SharedPrefix {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  bool half = false;  // float16, else float32
+  int64_t P = 0;
+};
+
 // out = softmax(q k^T * scale + mask) v, float32, for q [B,H,T,D], k, v [B,H,L,D], out [B,T,H,D] (the layout the
 // output projection reads: MindSpore's transpose of a 600-token prompt's heads took 5 ms a layer); or, with
 // `tokens_major`, q [B,T,H,D] and k, v [B,L,H,D] too (the heads split by strides, as the projections write them:
-// the vision tower's three transposes in and one out cost it a fifth of its time, bench/RESULTS.md). mask
-// [Bm,Hm,T,L] (Bm 1 or B, Hm 1 or H; null: none). Heads of one row go in groups whose scores fit in 64 MB.
+// the vision tower's three transposes in and one out cost it a fifth of its time, bench/RESULTS.md). With a
+// `prefix`, each row's keys are the prefix's P then its own L (one copy of the prefix for all rows: tiling it to
+// every row, concatenating and casting took MindSpore's ops half of a 13-row continued prefill). mask
+// [Bm,Hm,T,P+L] (Bm 1 or B, Hm 1 or H; null: none). Heads of one row go in groups whose scores fit in 64 MB.
 // `half`: the two products in bfloat16 (q, k, v and the probabilities rounded; sums, scores and softmax in
-// float32) where the prompt path's matmuls run in bfloat16 (oneDNN, a CPU with bfloat16 arithmetic), as HF's
-// bf16 runs them: for 16-bit models, whose prompt matmuls round their inputs alike. Float32 products took a fifth of the vision tower's time (bench/RESULTS.md).
-static void attention(const float* q, const float* k, const float* v, const float* mask, int64_t Bm, int64_t Hm,
-                      float scale, float* out, int64_t B, int64_t H, int64_t T, int64_t L, int64_t D,
-                      bool tokens_major, bool half) {
-  int64_t group = std::max<int64_t>(1, std::min<int64_t>(H, (16 << 20) / std::max<int64_t>(1, T * L)));
+// float32) where the prompt path's matmuls have bfloat16 arithmetic (a CPU with it, not forced to the decode
+// kernels), as HF's bf16 runs them: for 16-bit models, whose prompt matmuls round their inputs alike. Float32
+// products took a fifth of the vision tower's time (bench/RESULTS.md).
+static void attention(const float* q, const float* k, const float* v, const SharedPrefix& prefix, const float* mask,
+                      int64_t Bm, int64_t Hm, float scale, float* out, int64_t B, int64_t H, int64_t T, int64_t L,
+                      int64_t D, bool tokens_major, bool half) {
+  int64_t P = prefix.P, LT = P + L;  // keys per row, prefix included
+  int64_t group = std::max<int64_t>(1, std::min<int64_t>(H, (16 << 20) / std::max<int64_t>(1, T * LT)));
   static thread_local std::vector<float> scores;
-  scores.resize(std::max(scores.size(), (size_t)(group * T * L)));
+  scores.resize(std::max(scores.size(), (size_t)(group * T * LT)));
   bool have_onednn = onednn::available();
-  half = half && have_onednn && g.large_path == LP_ONEDNN && (g.cpu.avx512bf16 || g.cpu.amx);
-  static thread_local std::vector<uint16_t> q16, k16, v16, p16;  // bfloat16 operands, contiguous per head
+  half = half && have_onednn && g.large_path != LP_DECODE && (g.cpu.avx512bf16 || g.cpu.amx);
+  // Operands copied contiguous per head: in bfloat16 for `half`, and keys and values after a prefix (float32,
+  // or bfloat16 for `half`), as [prefix; own] per head.
+  bool gather_kv = half || P > 0;
+  size_t element = half ? 2 : 4;
+  static thread_local std::vector<uint16_t> q16, k_buffer, v_buffer, p16;
   if (half) {
     q16.resize(std::max(q16.size(), (size_t)(group * T * D)));
-    k16.resize(std::max(k16.size(), (size_t)(group * L * D)));
-    v16.resize(std::max(v16.size(), (size_t)(group * L * D)));
-    p16.resize(std::max(p16.size(), (size_t)(group * T * L)));
+    p16.resize(std::max(p16.size(), (size_t)(group * T * LT)));
+  }
+  if (gather_kv) {
+    k_buffer.resize(std::max(k_buffer.size(), (size_t)(group * LT * D) * element / 2));
+    v_buffer.resize(std::max(v_buffer.size(), (size_t)(group * LT * D) * element / 2));
   }
   // Pointers, not the vectors: inside the pool's lambdas a thread_local name is the worker's own.
-  uint16_t *qb = q16.data(), *kb = k16.data(), *vb = v16.data(), *pb = p16.data();
-  int64_t sq16[3] = {T * D, D, 1}, skt16[3] = {L * D, 1, D}, sv16[3] = {L * D, D, 1};
+  uint16_t *qb = q16.data(), *pb = p16.data();
+  void *kc = k_buffer.data(), *vc = v_buffer.data();
+  // rows of float32 (own keys, q) or float16 (a float16 prefix) values into the products' type
+  auto put = [&](void* dst, int64_t at, const void* src, bool src_half, int64_t n) {
+    if (half && src_half) f16_to_bf16_any((const uint16_t*)src, (uint16_t*)dst + at, n);
+    else if (half) f32_to_bf16_any((const float*)src, (uint16_t*)dst + at, n);
+    else if (src_half) widen_any<WT_F16>((const uint16_t*)src, (float*)dst + at, n);
+    else memcpy((float*)dst + at, src, n * 4);
+  };
   // Element strides over (head, row, column) of q/out and of k/v, and offsets of head h of batch row b.
   int64_t head_q = tokens_major ? D : T * D, row_q = tokens_major ? H * D : D;
   int64_t head_k = tokens_major ? D : L * D, row_k = tokens_major ? H * D : D;
@@ -921,61 +1005,76 @@ static void attention(const float* q, const float* k, const float* v, const floa
   auto k_at = [&](int64_t b, int64_t h) { return tokens_major ? (b * L * H + h) * D : (b * H + h) * L * D; };
   auto o_at = [&](int64_t b, int64_t h) { return (b * T * H + h) * D; };  // out: tokens-major always
   int64_t head_o = D, row_o = H * D;
-  int64_t sq[3] = {head_q, row_q, 1}, skt[3] = {head_k, 1, row_k}, ss[3] = {T * L, L, 1}, sv[3] = {head_k, row_k, 1};
-  int64_t so[3] = {head_o, row_o, 1};
+  // The products' operands: q strided (float32) or contiguous (bfloat16); k, v strided or contiguous.
+  int64_t sq[3] = {half ? T * D : head_q, half ? D : row_q, 1};
+  int64_t kv_head = gather_kv ? LT * D : head_k, kv_row = gather_kv ? D : row_k;
+  int64_t skt[3] = {kv_head, 1, kv_row}, sv[3] = {kv_head, kv_row, 1};
+  int64_t ss[3] = {T * LT, LT, 1}, so[3] = {head_o, row_o, 1};
+  int type = half ? onednn::dt_bf16 : onednn::dt_f32;
+  auto operand = [&](const void* base, int64_t at) {
+    return half ? bf16_to_f32(((const uint16_t*)base)[at]) : ((const float*)base)[at];
+  };
   for (int64_t b = 0; b < B; b++)
     for (int64_t first = 0; first < H; first += group) {
       int64_t n = std::min(group, H - first);
       const float *qh = q + q_at(b, first), *kh = k + k_at(b, first), *vh = v + k_at(b, first);
       float* oh = out + o_at(b, first);
       float* s = scores.data();
-      if (half)  // each head's rows of q, k, v (strided) into contiguous bfloat16
+      if (gather_kv)
         parallel_for((int)n, [&](int i) {
-          for (int64_t t = 0; t < T; t++) f32_to_bf16_any(qh + i * head_q + t * row_q, qb + (i * T + t) * D, D);
+          if (half)
+            for (int64_t t = 0; t < T; t++) put(qb, (i * T + t) * D, qh + i * head_q + t * row_q, false, D);
+          if (P > 0) {
+            int64_t at = (first + i) * P * D, bytes = prefix.half ? 2 : 4;
+            put(kc, i * LT * D, (const char*)prefix.k + at * bytes, prefix.half, P * D);
+            put(vc, i * LT * D, (const char*)prefix.v + at * bytes, prefix.half, P * D);
+          }
           for (int64_t l = 0; l < L; l++) {
-            f32_to_bf16_any(kh + i * head_k + l * row_k, kb + (i * L + l) * D, D);
-            f32_to_bf16_any(vh + i * head_k + l * row_k, vb + (i * L + l) * D, D);
+            put(kc, (i * LT + P + l) * D, kh + i * head_k + l * row_k, false, D);
+            put(vc, (i * LT + P + l) * D, vh + i * head_k + l * row_k, false, D);
           }
         });
+      const void* qa = half ? (const void*)qb : qh;
+      const void* ka = gather_kv ? (const void*)kc : kh;
+      const void* va = gather_kv ? (const void*)vc : vh;
       int status = -1;
       if (have_onednn) {
         std::lock_guard<std::mutex> lock(onednn::mutex);
-        status = half ? onednn::batched(n, T, L, D, qb, sq16, kb, skt16, s, ss, onednn::dt_bf16)
-                      : onednn::batched(n, T, L, D, qh, sq, kh, skt, s, ss);
+        status = onednn::batched(n, T, LT, D, qa, sq, ka, skt, s, ss, type);
       }
       if (status) {  // without oneDNN: plain loops
         parallel_for((int)n, [&](int i) {
           for (int64_t t = 0; t < T; t++)
-            for (int64_t l = 0; l < L; l++) {
+            for (int64_t l = 0; l < LT; l++) {
               float sum = 0.f;
-              for (int64_t d = 0; d < D; d++) sum += qh[i * head_q + t * row_q + d] * kh[i * head_k + l * row_k + d];
-              s[(i * T + t) * L + l] = sum;
+              for (int64_t d = 0; d < D; d++)
+                sum += operand(qa, i * sq[0] + t * sq[1] + d) * operand(ka, i * skt[0] + l * skt[2] + d);
+              s[(i * T + t) * LT + l] = sum;
             }
         });
       }
-      parallel_blocks(n * T, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, L)), [&](int64_t a, int64_t e) {
+      parallel_blocks(n * T, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, LT)), [&](int64_t a, int64_t e) {
         for (int64_t r = a; r < e; r++) {
           int64_t h = first + r / T, t = r % T;
           const float* mask_row = nullptr;
-          if (mask) mask_row = mask + (((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * T + t) * L;
-          if (g.cpu.avx512) softmax_row_512(s + r * L, mask_row, L, scale);
-          else softmax_row_any(s + r * L, mask_row, L, scale);
+          if (mask) mask_row = mask + (((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * T + t) * LT;
+          if (g.cpu.avx512) softmax_row_512(s + r * LT, mask_row, LT, scale);
+          else softmax_row_any(s + r * LT, mask_row, LT, scale);
         }
       });
       if (half)
-        parallel_blocks(n * T * L, 1 << 16, [&](int64_t a, int64_t e) { f32_to_bf16_any(s + a, pb + a, e - a); });
+        parallel_blocks(n * T * LT, 1 << 16, [&](int64_t a, int64_t e) { f32_to_bf16_any(s + a, pb + a, e - a); });
       status = -1;
       if (have_onednn) {
         std::lock_guard<std::mutex> lock(onednn::mutex);
-        status = half ? onednn::batched(n, T, D, L, pb, ss, vb, sv16, oh, so, onednn::dt_bf16)
-                      : onednn::batched(n, T, D, L, s, ss, vh, sv, oh, so);
+        status = onednn::batched(n, T, D, LT, half ? (const void*)pb : s, ss, va, sv, oh, so, type);
       }
       if (status) {
         parallel_for((int)n, [&](int i) {
           for (int64_t t = 0; t < T; t++)
             for (int64_t d = 0; d < D; d++) {
               float sum = 0.f;
-              for (int64_t l = 0; l < L; l++) sum += s[(i * T + t) * L + l] * vh[i * head_k + l * row_k + d];
+              for (int64_t l = 0; l < LT; l++) sum += s[(i * T + t) * LT + l] * operand(va, i * sv[0] + l * sv[1] + d);
               oh[i * head_o + t * row_o + d] = sum;
             }
         });
@@ -987,7 +1086,16 @@ static void attention(const float* q, const float* k, const float* v, const floa
 // cache: out = softmax([q k_cache^T, q k_new^T] * scale + [mask, 0]) [v_cache; v_new]. q, k_new, v_new [B,H,1,D];
 // k_cache, v_cache [B,H,L,D], float32 or float16 (WT: a 16-bit cache is half the bytes a step reads, widened in
 // registers); mask [B,1,1,L], 0 (visible) or a large negative (hidden), as everywhere here: slots after a row's
-// last visible one are not read, so a row at position p reads p slots, not the whole cache.
+// last visible one are not read, so a row at position p reads p slots, not the whole cache. sharing [B,2]: row
+// b's slots below sharing[b][1] are read from row sharing[b][0], which holds the same values (rows continuing one
+// cached prompt start each hold a copy): (row, head) pairs go head by head, so the rows that share a head's prefix
+// read it from cache, not memory (~3x faster for 16 rows continuing one 600-token prefix, bench/RESULTS.md).
+template <int WT> struct Slots {  // the keys (or values) one (row, head) reads
+  const Elem<WT>* shared;  // slots below `split`
+  const Elem<WT>* own;     // the others
+  int64_t split, D;
+  AI const Elem<WT>* at(int64_t l) const { return (l < split ? shared : own) + l * D; }
+};
 template <int WT> T512 static float dot_512(const float* a, const Elem<WT>* b, int64_t n) {
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
@@ -1040,8 +1148,7 @@ template <int WT, int C> T512 AI __m512 lane_products(const __m512* q, const Ele
 }
 
 template <int WT, int C>
-T512 static void attention_decode_head_512(const float* qi, const Elem<WT>* keys, const Elem<WT>* values,
-                                           const float* k_own,
+T512 static void attention_decode_head_512(const float* qi, Slots<WT> keys, Slots<WT> values, const float* k_own,
                                            const float* v_own, const float* mask_row, int64_t n, float scale,
                                            float* s, float* oi) {
   __m512 q[C];
@@ -1049,10 +1156,10 @@ T512 static void attention_decode_head_512(const float* qi, const Elem<WT>* keys
   int64_t l = 0;
   for (; l + 16 <= n; l += 16) {
     __m512 block[16];
-    for (int j = 0; j < 16; j++) block[j] = lane_products<WT, C>(q, keys + (l + j) * 16 * C);
+    for (int j = 0; j < 16; j++) block[j] = lane_products<WT, C>(q, keys.at(l + j));
     _mm512_storeu_ps(s + l, _mm512_add_ps(lane_sums16(block), _mm512_loadu_ps(mask_row + l)));
   }
-  for (; l < n; l++) s[l] = _mm512_reduce_add_ps(lane_products<WT, C>(q, keys + l * 16 * C)) + mask_row[l];
+  for (; l < n; l++) s[l] = _mm512_reduce_add_ps(lane_products<WT, C>(q, keys.at(l))) + mask_row[l];
   __m512 own = _mm512_mul_ps(q[0], _mm512_loadu_ps(k_own));
   for (int c = 1; c < C; c++) own = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(k_own + 16 * c), own);
   s[n] = _mm512_reduce_add_ps(own);
@@ -1062,43 +1169,47 @@ T512 static void attention_decode_head_512(const float* qi, const Elem<WT>* keys
   for (l = 0; l < n; l++) {
     if (s[l] == 0.f) continue;  // hidden slots (exp flushed to 0) cost no pass over their values
     __m512 p = _mm512_set1_ps(s[l]);
-    for (int c = 0; c < C; c++) o[c] = _mm512_fmadd_ps(p, load16<WT>(values + l * 16 * C + 16 * c, 0xffff), o[c]);
+    const Elem<WT>* value = values.at(l);
+    for (int c = 0; c < C; c++) o[c] = _mm512_fmadd_ps(p, load16<WT>(value + 16 * c, 0xffff), o[c]);
   }
   for (int c = 0; c < C; c++) _mm512_storeu_ps(oi + 16 * c, o[c]);
 }
 
 template <int WT>
 static void attention_decode(const float* q, const float* k_new, const float* v_new, const Elem<WT>* k_cache,
-                             const Elem<WT>* v_cache, const float* mask, float scale, float* out, int64_t B, int64_t H,
-                             int64_t L, int64_t D) {
+                             const Elem<WT>* v_cache, const float* mask, const int32_t* sharing, float scale,
+                             float* out, int64_t B, int64_t H, int64_t L, int64_t D) {
   bool wide = best_small_path_up_to(g.small_path) >= SP_AVX512;  // forced down to scalar in tests
-  using Head = void (*)(const float*, const Elem<WT>*, const Elem<WT>*, const float*, const float*, const float*,
-                        int64_t, float, float*, float*);
+  using Head = void (*)(const float*, Slots<WT>, Slots<WT>, const float*, const float*, const float*, int64_t, float,
+                        float*, float*);
   Head head = !wide ? nullptr : D == 16 ? attention_decode_head_512<WT, 1> : D == 32 ? attention_decode_head_512<WT, 2>
             : D == 64 ? attention_decode_head_512<WT, 4> : D == 128 ? attention_decode_head_512<WT, 8> : nullptr;
-  parallel_for((int)(B * H), [&](int i) {
-    const float* mask_row = mask + (i / H) * L;
+  parallel_for((int)(B * H), [&](int task) {
+    int64_t b = task % B, h = task / B, i = b * H + h;  // head by head: see `sharing`
+    const float* mask_row = mask + b * L;
     int64_t n = L;
     while (n > 0 && mask_row[n - 1] != 0.f) n--;
     static thread_local std::vector<float> s;
     s.resize(std::max(s.size(), (size_t)(n + 1)));
     const float* qi = q + i * D;
-    const Elem<WT> *keys = k_cache + i * L * D, *values = v_cache + i * L * D;
+    int64_t source = (sharing[2 * b] * H + h) * L * D;
+    Slots<WT> keys{k_cache + source, k_cache + i * L * D, sharing[2 * b + 1], D};
+    Slots<WT> values{v_cache + source, v_cache + i * L * D, sharing[2 * b + 1], D};
     float* oi = out + i * D;
     if (head) {
       head(qi, keys, values, k_new + i * D, v_new + i * D, mask_row, n, scale, s.data(), oi);
       return;
     }
     for (int64_t l = 0; l < n; l++)
-      s[l] = (wide ? dot_512<WT>(qi, keys + l * D, D) : dot_any<WT>(qi, keys + l * D, D)) * scale + mask_row[l];
+      s[l] = (wide ? dot_512<WT>(qi, keys.at(l), D) : dot_any<WT>(qi, keys.at(l), D)) * scale + mask_row[l];
     s[n] = (wide ? dot_512<WT_F32>(qi, k_new + i * D, D) : dot_any<WT_F32>(qi, k_new + i * D, D)) * scale;
     if (wide) softmax_row_512(s.data(), nullptr, n + 1, 1.f);
     else softmax_row_any(s.data(), nullptr, n + 1, 1.f);
     memset(oi, 0, sizeof(float) * D);
     for (int64_t l = 0; l < n; l++) {
       if (s[l] == 0.f) continue;  // hidden slots (exp flushed to 0) cost no pass over their values
-      if (wide) axpy_512<WT>(s[l], values + l * D, oi, D);
-      else axpy_any<WT>(s[l], values + l * D, oi, D);
+      if (wide) axpy_512<WT>(s[l], values.at(l), oi, D);
+      else axpy_any<WT>(s[l], values.at(l), oi, D);
     }
     if (wide) axpy_512<WT_F32>(s[n], v_new + i * D, oi, D);
     else axpy_any<WT_F32>(s[n], v_new + i * D, oi, D);
@@ -1108,7 +1219,11 @@ static void attention_decode(const float* q, const float* k_new, const float* v_
 template <int WT> static void matmul(const float* x, const Elem<WT>* w, float* y, int64_t M, int64_t N, int64_t K) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) { memset(y, 0, sizeof(float) * M * N); return; }
-  if (M >= g.m_large && g.large_path == LP_ONEDNN && prompt_matmul<WT>(x, w, y, M, N, K) == 0) return;
+  if (M >= g.m_large) {
+    if constexpr (WT != WT_F32)
+      if (g.large_path == LP_PACKED) return packed_matmul<WT>(x, w, y, M, N, K);
+    if (g.large_path != LP_DECODE && prompt_matmul<WT>(x, w, y, M, N, K) == 0) return;
+  }
   decode_matmul<WT>(x, w, y, M, N, K);
 }
 
@@ -1207,9 +1322,28 @@ LLAVA_OP(LlavaAttention) {
   if (nparam != 7 || ndims[0] != 4 || ndims[1] != 4 || ndims[3] != 4 || strcmp(dtypes[5], "int32")) return 1;
   ensure_init();
   const int64_t *qs = shapes[0], *ks = shapes[1];
-  attention((const float*)params[0], (const float*)params[1], (const float*)params[2], (const float*)params[3],
-            shapes[3][0], shapes[3][1], *(const float*)params[4], (float*)params[6], qs[0], qs[1], qs[2], ks[2], qs[3],
+  attention((const float*)params[0], (const float*)params[1], (const float*)params[2], SharedPrefix{},
+            (const float*)params[3], shapes[3][0], shapes[3][1], *(const float*)params[4], (float*)params[6], qs[0], qs[1], qs[2], ks[2], qs[3],
             false, *(const int32_t*)params[5] != 0);
+  return 0;
+}
+
+// Prompts that continue one cached prefix: q, k, v float32 [B, H, T, D] (the prompts' own tokens), prefix_k,
+// prefix_v [1, H, P, D] (float32 or float16), mask [Bm, Hm, T, P+T], scale [1], half int32 [1] -> out [B, T, H, D].
+LLAVA_OP(LlavaAttentionAfterPrefix) {
+  if (nparam != 9 || ndims[0] != 4 || ndims[1] != 4 || ndims[3] != 4 || ndims[5] != 4 || strcmp(dtypes[7], "int32"))
+    return 1;
+  for (int i : {0, 1, 2, 5, 6, 8}) if (strcmp(dtypes[i], "float32")) return 1;
+  SharedPrefix prefix{params[3], params[4], !strcmp(dtypes[3], "float16"), shapes[3][2]};
+  if (strcmp(dtypes[3], dtypes[4]) || (!prefix.half && strcmp(dtypes[3], "float32"))) return 1;
+  const int64_t *qs = shapes[0], *ks = shapes[1], *ps = shapes[3];
+  if (ps[0] != 1 || ps[1] != qs[1] || ps[3] != qs[3] || memcmp(ks, qs, 4 * sizeof(int64_t)) ||
+      memcmp(shapes[4], ps, 4 * sizeof(int64_t)) || shapes[5][3] != ps[2] + ks[2])
+    return 2;
+  ensure_init();
+  attention((const float*)params[0], (const float*)params[1], (const float*)params[2], prefix,
+            (const float*)params[5], shapes[5][0], shapes[5][1], *(const float*)params[6], (float*)params[8], qs[0],
+            qs[1], qs[2], ks[2], qs[3], false, *(const int32_t*)params[7] != 0);
   return 0;
 }
 
@@ -1223,31 +1357,38 @@ LLAVA_OP(LlavaSelfAttention) {
   int64_t H = *(const int32_t*)params[3];
   if (H <= 0 || qs[2] % H || shapes[1][2] != qs[2] || shapes[1][1] != qs[1]) return 2;
   ensure_init();
-  attention((const float*)params[0], (const float*)params[1], (const float*)params[2], nullptr, 1, 1,
+  attention((const float*)params[0], (const float*)params[1], (const float*)params[2], SharedPrefix{}, nullptr, 1, 1,
             *(const float*)params[4], (float*)params[6], qs[0], H, qs[1], qs[1], qs[2] / H, true,
             *(const int32_t*)params[5] != 0);
   return 0;
 }
 
 // attention_decode: q, k_new, v_new float32 [B, H, 1, D], k_cache, v_cache [B, H, L, D] (both float32 or both
-// float16), mask [B, 1, 1, L], scale [1] -> out [B, H, 1, D].
+// float16), mask [B, 1, 1, L], sharing int32 [B, 2] (source row, slots; each row its own: (b, 0)), scale [1] ->
+// out [B, H, 1, D].
 LLAVA_OP(LlavaAttentionDecode) {
-  if (nparam != 8 || ndims[0] != 4 || ndims[3] != 4 || ndims[5] != 4) return 1;
-  for (int i : {0, 1, 2, 5, 6, 7}) if (strcmp(dtypes[i], "float32")) return 1;
+  if (nparam != 9 || ndims[0] != 4 || ndims[3] != 4 || ndims[5] != 4 || ndims[6] != 2 || strcmp(dtypes[6], "int32"))
+    return 1;
+  for (int i : {0, 1, 2, 5, 7, 8}) if (strcmp(dtypes[i], "float32")) return 1;
   bool half = !strcmp(dtypes[3], "float16");
   if (strcmp(dtypes[3], dtypes[4]) || (!half && strcmp(dtypes[3], "float32"))) return 1;
   const int64_t *qs = shapes[0], *cs = shapes[3];
-  if (qs[2] != 1 || cs[0] != qs[0] || cs[1] != qs[1] || cs[3] != qs[3] || shapes[5][3] != cs[2]) return 2;
+  if (qs[2] != 1 || cs[0] != qs[0] || cs[1] != qs[1] || cs[3] != qs[3] || shapes[5][3] != cs[2] ||
+      shapes[6][0] != qs[0] || shapes[6][1] != 2)
+    return 2;
+  const int32_t* sharing = (const int32_t*)params[6];
+  for (int64_t b = 0; b < qs[0]; b++)
+    if (sharing[2 * b] < 0 || sharing[2 * b] >= qs[0] || sharing[2 * b + 1] < 0 || sharing[2 * b + 1] > cs[2]) return 2;
   ensure_init();
   const float *q = (const float*)params[0], *k = (const float*)params[1], *v = (const float*)params[2];
   const float* mask = (const float*)params[5];
-  float scale = *(const float*)params[6];
+  float scale = *(const float*)params[7];
   if (half)
-    attention_decode<WT_F16>(q, k, v, (const uint16_t*)params[3], (const uint16_t*)params[4], mask, scale,
-                             (float*)params[7], qs[0], qs[1], cs[2], qs[3]);
+    attention_decode<WT_F16>(q, k, v, (const uint16_t*)params[3], (const uint16_t*)params[4], mask, sharing, scale,
+                             (float*)params[8], qs[0], qs[1], cs[2], qs[3]);
   else
-    attention_decode<WT_F32>(q, k, v, (const float*)params[3], (const float*)params[4], mask, scale,
-                             (float*)params[7], qs[0], qs[1], cs[2], qs[3]);
+    attention_decode<WT_F32>(q, k, v, (const float*)params[3], (const float*)params[4], mask, sharing, scale,
+                             (float*)params[8], qs[0], qs[1], cs[2], qs[3]);
   return 0;
 }
 
@@ -1334,7 +1475,8 @@ int llava_matmul(const float* x, const void* w, int wt, float* y, int64_t M, int
 void llava_set_onednn_path(const char* path) { onednn::library_path = path ? path : ""; }
 
 // Force the paths (tests, benchmarks): small in {"scalar", "avx2", "avx512", "avx512bf16"} (a path the CPU lacks
-// falls back to the next one down), large in {"onednn", "decode"}; "" or a negative m_large: unchanged.
+// falls back to the next one down), large in {"packed", "onednn", "decode"} ("packed" needs AVX512-BF16, else it
+// is "onednn"); "" or a negative m_large: unchanged.
 int llava_configure(const char* small, const char* large, int64_t m_large) {
   ensure_init();
   static const char* small_names[] = {"scalar", "avx2", "avx512", "avx512bf16"};
@@ -1347,6 +1489,7 @@ int llava_configure(const char* small, const char* large, int64_t m_large) {
   if (large && *large) {
     if (!strcmp(large, "onednn")) g.large_path = LP_ONEDNN;
     else if (!strcmp(large, "decode")) g.large_path = LP_DECODE;
+    else if (!strcmp(large, "packed")) g.large_path = g.cpu.avx512bf16 ? LP_PACKED : LP_ONEDNN;
     else return -2;
   }
   if (m_large >= 0) g.m_large = m_large;
@@ -1371,14 +1514,16 @@ const char* llava_describe() {
   static const char* small_names[] = {"scalar", "avx2", "avx512", "avx512bf16"};
   static char line[400];
   bool have_onednn = onednn::available();
+  std::string bf16_on = g.cpu.amx ? "AMX" : g.cpu.avx512bf16 ? "AVX512-BF16" : "";
+  std::string onednn = !have_onednn ? "decode kernels (oneDNN: " + onednn::api.error + ")"
+                                    : "oneDNN " + onednn::api.version_string;
+  std::string large =
+      g.large_path == LP_DECODE ? "decode kernels"
+      : g.large_path == LP_PACKED ? "16-bit weights: packed bfloat16 kernels; float32 weights, attention: " + onednn +
+                                        (have_onednn ? " (16-bit models' attention: bfloat16 on " + bf16_on + ")" : "")
+      : onednn + (!have_onednn ? "" : bf16_on.empty() ? " (float32)" : " (16-bit weights: bfloat16 on " + bf16_on + ")");
   snprintf(line, sizeof line, "decode %s; prompts (%ld+ rows) %s; %d threads",
-           small_names[best_small_path_up_to(g.small_path)], (long)g.m_large,
-           g.large_path == LP_DECODE ? "decode kernels"
-           : !have_onednn ? ("decode kernels (oneDNN: " + onednn::api.error + ")").c_str()
-           : ("oneDNN " + onednn::api.version_string +
-              (g.cpu.amx ? " (16-bit weights: bfloat16 on AMX)" : g.cpu.avx512bf16 ? " (16-bit weights: bfloat16 on "
-               "AVX512-BF16)" : " (float32)")).c_str(),
-           g.nthreads);
+           small_names[best_small_path_up_to(g.small_path)], (long)g.m_large, large.c_str(), g.nthreads);
   return line;
 }
 
