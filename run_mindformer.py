@@ -301,6 +301,8 @@ def load_model(config, log, explicit=()):
 
 def run_predict(config, examples, log, explicit=()):
     """Check everything, build and load the model, answer: see the module docstring. Returns the result rows."""
+    from llava_runtime import interrupts_at_safe_points
+
     rank, notes = start_run(config, explicit)
     results = ResultsFile(config.get("output_dir") or "./output") if rank == 0 else None
     try:
@@ -308,8 +310,9 @@ def run_predict(config, examples, log, explicit=()):
         tokenizer, processor = build_processor(config)
         encoded = encode_examples(processor, examples)
         log.info("%d inputs checked in %.1f s", len(examples), time.time() - started)
-        model = build_model(config, log, notes)
-        return _answer(model, tokenizer, config, examples, encoded, results, log)
+        with interrupts_at_safe_points("run_mindformer.py"):
+            model = build_model(config, log, notes)
+            return _answer(model, tokenizer, config, examples, encoded, results, log)
     finally:
         if results is not None:
             results.close()
@@ -345,11 +348,13 @@ def run_chat(config, log, lines, out, explicit=()):
     follow-up questions continue the conversation about the same picture (its features computed once)."""
     from llava_generation import GenerationSettings
     from llava_processor import load_image
+    from llava_runtime import interruption_point, interrupts_at_safe_points
     from llava_serving import DEFAULT_IMAGE_CACHE_BYTES, Engine, Request, prepare_images, prompt_ids
 
-    model, tokenizer, processor, _ = load_model(config, log, explicit)
-    engine = Engine(model, tokenizer, max_batch_size=1, image_cache_bytes=DEFAULT_IMAGE_CACHE_BYTES)
-    engine.warm_up()
+    with interrupts_at_safe_points("run_mindformer.py"):  # waiting for a line, Ctrl-C leaves at once
+        model, tokenizer, processor, _ = load_model(config, log, explicit)
+        engine = Engine(model, tokenizer, max_batch_size=1, image_cache_bytes=DEFAULT_IMAGE_CACHE_BYTES)
+        engine.warm_up()
     settings = GenerationSettings.resolve(model.config)
     print(CHAT_HELP, file=out, flush=True)
     messages, images = [], []
@@ -381,9 +386,11 @@ def run_chat(config, log, lines, out, explicit=()):
             pieces.append(output)
             print(output.text, end="", file=out, flush=True)
 
-        engine.submit(Request(ids, images, settings, budget, emit, seed=config.get("seed")))
-        while not (pieces and pieces[-1].finish_reason):
-            engine.step()
+        with interrupts_at_safe_points("run_mindformer.py"):
+            engine.submit(Request(ids, images, settings, budget, emit, seed=config.get("seed")))
+            while not (pieces and pieces[-1].finish_reason):
+                engine.step()
+                interruption_point()
         print(file=out, flush=True)
         answer_text = "".join(piece.text for piece in pieces)
         messages = conversation + [{"role": "assistant", "content": [{"type": "text", "text": answer_text}]}]

@@ -167,6 +167,36 @@ def test_ctrl_c_during_generation_keeps_the_answers(tmp_path):
     assert all(row["text"] in stdout for row in rows)
 
 
+SAFE_POINTS = """
+import os, signal, sys, time
+sys.path.insert(0, {plugin!r})
+from llava_runtime import interruption_point, interrupts_at_safe_points
+with interrupts_at_safe_points("prog"):
+    for signum in ({signals},):
+        os.kill(os.getpid(), signum)
+    print("still running", flush=True)  # the first signal waits for a safe point
+    try:
+        interruption_point()
+    except KeyboardInterrupt:
+        print("interrupted at the safe point", flush=True)
+    interruption_point()  # nothing pending any more
+print("after the block", flush=True)
+"""
+
+
+@pytest.mark.parametrize("signals", [["SIGINT"], ["SIGTERM"], ["SIGINT", "SIGTERM"]])
+def test_signals_wait_for_a_safe_point_and_a_second_leaves_at_once(signals):
+    """Generation and loading take Ctrl-C at safe points (a KeyboardInterrupt raised inside MindSpore's callbacks
+    from C++ aborted the process: -6, answers lost); a second signal does not wait."""
+    code = SAFE_POINTS.format(plugin=PLUGIN, signals=", ".join(f"signal.{name}" for name in signals))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if len(signals) == 1:
+        assert (result.returncode, result.stderr) == (0, "")
+        assert result.stdout.splitlines() == ["still running", "interrupted at the safe point", "after the block"]
+    else:
+        assert (result.returncode, result.stdout, result.stderr) == (130, "", "prog: interrupted\n")
+
+
 @pytest.mark.parametrize("signum,delay", [(signal.SIGTERM, 0.5), (signal.SIGINT, 1.0), (signal.SIGTERM, 1.5),
                                           (signal.SIGINT, 2.5)])
 def test_signal_during_start_up_is_one_line(tmp_path, signum, delay):

@@ -15,6 +15,7 @@ import numpy as np
 from mindformers.generation import GenerationConfig
 
 from llava_config import check_value, is_int, is_number
+from llava_runtime import interruption_point
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ class LlavaGenerationMixin:
         finished = np.zeros(len(history), bool)
         logits = runner.prefill(history, features, use_cache=use_cache) if max_new else None
         for step in range(max_new):
+            interruption_point()  # Ctrl-C between tokens (llava_runtime)
             scores = np.stack([penalize_repetition(row.copy(), seen, settings.repetition_penalty)
                                for row, seen in zip(logits, history)])
             for processor in logits_processor or ():

@@ -1,5 +1,7 @@
 """Process set-up shared by the command line, tests and benchmarks: MindSpore context and CPU threads."""
+import contextlib
 import os
+import signal
 
 _cpu_threads_set = False
 
@@ -57,9 +59,45 @@ def sigterm_as_interrupt():
     status 143 instead of cleanly, a server without letting its running requests finish (uvicorn shuts down
     gracefully on SIGTERM while it serves, then raises it again, which this turns into KeyboardInterrupt).
     """
-    import signal  # pylint: disable=import-outside-toplevel
-
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+_interrupted = False  # a signal came inside `interrupts_at_safe_points`, for the next `interruption_point`
+
+
+@contextlib.contextmanager
+def interrupts_at_safe_points(program):
+    """Inside the block (main thread), Ctrl-C and SIGTERM raise KeyboardInterrupt at the next
+    `interruption_point()` (between generated tokens, loaded tensors), or at the block's end, instead of
+    wherever Python is. Op by op, MindSpore calls back into Python from C++ at every launch (the kernels' shape
+    functions), and a KeyboardInterrupt raised inside such a callback aborted the process (SIGABRT: no answers
+    kept, no message) instead of unwinding. A second signal leaves at once, status 130: what was written
+    stays (answers are appended one by one)."""
+    global _interrupted
+
+    def defer(_signum, _frame):
+        global _interrupted
+        if _interrupted:
+            os.write(2, f"{program}: interrupted\n".encode())
+            os._exit(130)
+        _interrupted = True
+
+    handlers = {signum: signal.signal(signum, defer) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+        interruption_point()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        _interrupted = False
+
+
+def interruption_point():
+    """Raise KeyboardInterrupt if a signal came inside `interrupts_at_safe_points` (else nothing, anywhere)."""
+    global _interrupted
+    if _interrupted:
+        _interrupted = False
+        raise KeyboardInterrupt
 
 
 def quiet_logs(output_dir, verbose=False):

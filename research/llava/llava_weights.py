@@ -31,6 +31,7 @@ from llava_checkpoint import (CheckpointError, CheckpointWriter, SafetensorsFile
 from llava_config import architecture, config_from_hf
 from llava_layout import (LAYOUT_VERSION, checkpoint_layout, our_name, shard, shard_shape, split_axis,
                           split_hf_name, stored_from_hf, stored_shape_from_hf)
+from llava_runtime import interruption_point
 
 RANK_DIR = "rank_{}"
 WEIGHT_FILE_SUFFIXES = (".ckpt", ".safetensors")
@@ -310,6 +311,7 @@ def load_tensors_into(model, tensors, source):
     layout = {name: tuple(param.shape) for name, param in parameters.items()}
     seen = set()
     for name, array in tensors:
+        interruption_point()  # Ctrl-C between tensors (llava_runtime)
         check_tensor(name, array.shape, layout, source)
         parameter = parameters[name]
         data, values = parameter_values(array, parameter)
