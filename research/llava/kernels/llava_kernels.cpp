@@ -410,15 +410,21 @@ T512 static void rows_512(const float* x, int64_t M, const Elem<WT>* w, int64_t 
 constexpr int64_t PK_KC = 2048;  // k per block: long runs of each W row (DRAM streams), 256 KB packed (in L2)
 constexpr int PK_MR = 6;        // 6 x 4 accumulators + 4 of W + 1 of x in AVX-512's 32 registers
 
-// n values of one W row -> bfloat16 (rounded to nearest even; a bfloat16 W is copied).
-template <int WT> T512BF static void bf16_row(const uint16_t* s, uint16_t* d, int64_t n) {
-  if constexpr (WT == WT_BF16) { memcpy(d, s, n * 2); return; }
+// n values of one W row -> bfloat16 (rounded to nearest even; a bfloat16 W is copied), while prefetching the
+// same span of `ahead` (the rows staged next; may be null) into L2: their reads from memory then overlap this
+// block's arithmetic instead of stalling the next staging (bench/RESULTS.md, kernels).
+template <int WT> T512BF static void bf16_row(const uint16_t* s, uint16_t* d, int64_t n, const uint16_t* ahead) {
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32)
-    _mm512_storeu_si512((void*)(d + i),
-                        (__m512i)_mm512_cvtne2ps_pbh(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + i + 16))),
-                                                     _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + i)))));
-  for (; i < n; i++) d[i] = f32_to_bf16(f16_to_f32(s[i]));
+  for (; i + 32 <= n; i += 32) {
+    if (ahead) _mm_prefetch((const char*)(ahead + i), _MM_HINT_T1);
+    if constexpr (WT == WT_BF16)
+      _mm512_storeu_si512((void*)(d + i), _mm512_loadu_si512((const void*)(s + i)));
+    else
+      _mm512_storeu_si512((void*)(d + i), (__m512i)_mm512_cvtne2ps_pbh(
+                                              _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + i + 16))),
+                                              _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + i)))));
+  }
+  for (; i < n; i++) d[i] = WT == WT_BF16 ? s[i] : f32_to_bf16(f16_to_f32(s[i]));
 }
 
 // 16 bfloat16 rows (row stride ld) by `count` <= 32 k values -> out[p * ldo + r] = the pair (row r's 2p, 2p+1)
@@ -486,10 +492,12 @@ T512BF static void rows_packed(const uint16_t* xb, int64_t ldx, int64_t M, const
     int rows = (int)std::min<int64_t>(64, n1 - n);
     for (int64_t k0 = 0; k0 < K; k0 += PK_KC) {
       int64_t kc = std::min(PK_KC, K - k0), pairs = (kc + 31) / 32 * 16;
+      const uint16_t* ahead = k0 + PK_KC < K ? w + n * K + k0 + PK_KC : n + 64 < n1 ? w + (n + 64) * K : nullptr;
       for (int g = 0; g < 4; g++) {
         int group = std::max(0, std::min(16, rows - 16 * g));
         for (int r = 0; r < group; r++)  // one W row after the other: one sequential stream (see row_dot_512)
-          bf16_row<WT>(w + (n + 16 * g + r) * K + k0, staged.data() + r * PK_KC, kc);
+          bf16_row<WT>(w + (n + 16 * g + r) * K + k0, staged.data() + r * PK_KC, kc,
+                       ahead ? ahead + (16 * g + r) * K : nullptr);
         for (int64_t k = 0; k < kc; k += 32)
           pack16x32(staged.data() + k, PK_KC, group, std::min<int64_t>(32, kc - k), packed + k / 2 * 64 + 16 * g, 64);
       }
