@@ -662,9 +662,8 @@ class LlamaModel(nn.Cell):
         float32, this step's keys and values: per layer [B, H, T, D], for KVCache.write).
 
         cached_keys, cached_values: per layer [B, H, L, D] (KVCache.views) for a decode step, with sharing
-        [B, 2] (KVCache.sharing); with after_prefix,
-        [1, H, P, D], the cached first P positions that every row's tokens continue; else None (a whole prompt).
-        See LlamaAttention.
+        [B, 2] (KVCache.sharing); with after_prefix, [1, H, P, D], the cached first P positions that every row's
+        tokens continue; else None (a whole prompt). See LlamaAttention.
         """
         # Broadcasting elementwise ops are many times slower than same-shape ones on CPU (bench/RESULTS.md), so
         # the rotary tables, and the mask for MindSpore's attention, are tiled to every head once here.

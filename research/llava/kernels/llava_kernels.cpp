@@ -401,12 +401,12 @@ T512 static void rows_512(const float* x, int64_t M, const Elem<WT>* w, int64_t 
   for (; n < n1; n++) all_m_512<WT, 1>(x, M, w + n * K, K, y + n, N);
 }
 
-// avx512bf16, 16-bit W and M >= 4: bfloat16 products with float32 sums (oneDNN's prompt path's arithmetic). W is
-// read once per call, a block of 64 rows by PK_KC k at a time, rounded to bfloat16 and packed in cache as
-// [k pair][64 outputs][2]: one 64-byte load then holds, for 16 outputs, their next two k values, and vdpbf16ps
-// with a row of x's two values broadcast adds those 16 outputs' products. Sums stay in registers (no horizontal
-// reductions) for a tile of PK_MR rows of x by the 64 outputs. x is pre-rounded to bfloat16 (rows of ldx values,
-// zero-padded to a multiple of 32).
+// The packed kernel (AVX512-BF16; a bfloat16 W from 4 rows, a float16 W from m_large): bfloat16 products with
+// float32 sums (oneDNN's prompt path's arithmetic). W is read once per call, a block of 64 rows by PK_KC k at a
+// time, rounded to bfloat16 and packed in cache as [k pair][64 outputs][2]: one 64-byte load then holds, for 16
+// outputs, their next two k values, and vdpbf16ps with a row of x's two values broadcast adds those 16 outputs'
+// products. Sums stay in registers (no horizontal reductions) for a tile of PK_MR rows of x by the 64 outputs.
+// x is pre-rounded to bfloat16 (rows of ldx values, zero-padded to a multiple of 32).
 constexpr int64_t PK_KC = 2048;  // k per block: long runs of each W row (DRAM streams), 256 KB packed (in L2)
 constexpr int PK_MR = 6;        // 6 x 4 accumulators + 4 of W + 1 of x in AVX-512's 32 registers
 
