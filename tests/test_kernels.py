@@ -377,9 +377,9 @@ def test_qkv_rotary(batch, length, heads, dim, weight_type, compiled):
     angles = np.outer(np.arange(100), 1.0 / 10000 ** (np.arange(0, dim, 2) / dim))
     cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
     op = compiled_qkv_rotary if compiled else llava_kernels.QKV_ROTARY
-    out = op(tensor(x), *map(tensor, weights), tensor(positions), tensor(cos.astype(np.float32)),
-             tensor(sin.astype(np.float32))).asnumpy()
-    assert out.shape == (3, batch, heads, length, dim)
+    out = [part.asnumpy() for part in op(tensor(x), *map(tensor, weights), tensor(positions),
+                                          tensor(cos.astype(np.float32)), tensor(sin.astype(np.float32)))]
+    assert [part.shape for part in out] == [(batch, heads, length, dim)] * 3
     c, s = cos[positions][:, None], sin[positions][:, None]  # [B, 1, T, D]
     for part, weight in enumerate(weights):
         heads_of = (x.astype(np.float64) @ weight.astype(np.float64).T).reshape(batch, length, heads, dim)

@@ -102,15 +102,19 @@ def _rows_of_table(table_shape, ids_shape):
 
 def _qkv_heads(x_shape, weight_shape, _wk, _wv, _positions, table_shape, _sin):
     batch, length, head_dim = x_shape[0], x_shape[1], table_shape[1]
-    return [3, batch, weight_shape[0] // head_dim, length, head_dim]
+    return ([batch, weight_shape[0] // head_dim, length, head_dim],) * 3
 
 
 def _float32(*_):
     return ms.float32
 
 
-def _op(name, out_shape):
-    return ops.Custom(f"{_PATH_OR_ERROR}:{name}", out_shape=out_shape, out_dtype=_float32, func_type="aot")
+def _three_float32(*_):
+    return (ms.float32,) * 3
+
+
+def _op(name, out_shape, out_dtype=_float32):
+    return ops.Custom(f"{_PATH_OR_ERROR}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
 _LIB, _PATH_OR_ERROR = _load()
@@ -138,8 +142,8 @@ else:
     # [B,2]: row b's first sharing[b,1] slots read from row sharing[b,0], scale [1]): one token after a cache
     ATTENTION_DECODE = _op("LlavaAttentionDecode", _like_first)
     EMBEDDING = _op("LlavaEmbedding", _rows_of_table)       # (table [V, D], ids int32 [...]) -> [..., D]
-    # (x [B,T,K], Wq, Wk, Wv [N,K], positions int32 [B,T], cos, sin [P,D]) -> [3,B,H,T,D]: q, k rotated, v
-    QKV_ROTARY = _op("LlavaQKVRotary", _qkv_heads)
+    # (x [B,T,K], Wq, Wk, Wv [N,K], positions int32 [B,T], cos, sin [P,D]) -> q, k (rotated), v [B,H,T,D]
+    QKV_ROTARY = _op("LlavaQKVRotary", _qkv_heads, _three_float32)
 
 
 def available():

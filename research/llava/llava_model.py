@@ -588,9 +588,9 @@ class LlamaAttention(nn.Cell):
           P + T]).
         """
         if self.kernel:  # the three products, the rotary embedding and the head split in one op
-            qkv = llava_kernels.QKV_ROTARY(x.astype(ms.float32), self.q_proj.weight, self.k_proj.weight,
-                                           self.v_proj.weight, rotary[0], rotary[1], rotary[2])
-            query, key, value = qkv[0], qkv[1], qkv[2]
+            query, key, value = llava_kernels.QKV_ROTARY(x.astype(ms.float32), self.q_proj.weight,
+                                                         self.k_proj.weight, self.v_proj.weight, rotary[0],
+                                                         rotary[1], rotary[2])
         else:
             query = apply_rotary(split_heads(self.q_proj(x), self.num_heads), rotary[0], rotary[1])
             key = apply_rotary(split_heads(self.k_proj(x), self.num_heads), rotary[0], rotary[1])

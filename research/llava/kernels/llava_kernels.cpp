@@ -1402,9 +1402,11 @@ LLAVA_OP(LlavaAttentionDecode) {
 
 // A decoder layer's three input projections with the rotary embedding, in the [B, H, T, D] layout attention
 // takes: x float32 [B, T, K]; Wq, Wk, Wv [N, K] of one dtype (N = heads * D); positions int32 [B, T]; cos, sin
-// float32 [P, D] (HF's tables: the D/2 frequencies twice) -> out float32 [3, B, H, T, D] (q and k rotated, v as
-// is). One op and one pass over the products where MindSpore's ops would be three products, three head splits
-// (transposes) and fourteen elementwise rotary ops, each a pass over memory and a dispatch.
+// float32 [P, D] (HF's tables: the D/2 frequencies twice) -> q, k, v float32 [B, H, T, D] (q and k rotated, v
+// as is; three outputs: slicing one [3, ...] output in a compiled graph took MindSpore's element-by-element
+// StridedSlice ~5% of a 16-row decode step). One op and one pass over the products where MindSpore's ops would be
+// three products, three head splits (transposes) and fourteen elementwise rotary ops, each a pass over memory
+// and a dispatch.
 static void rotate_row(float* v, const float* c, const float* s, int64_t D) {  // v*cos + (-v2, v1)*sin, in place
   int64_t half = D / 2;
   for (int64_t i = 0; i < half; i++) {
@@ -1415,7 +1417,7 @@ static void rotate_row(float* v, const float* c, const float* s, int64_t D) {  /
 }
 LLAVA_OP(LlavaQKVRotary) {
   int wt = weight_type(dtypes[1]);
-  if (nparam != 8 || wt < 0 || strcmp(dtypes[2], dtypes[1]) || strcmp(dtypes[3], dtypes[1]) ||
+  if (nparam != 10 || wt < 0 || strcmp(dtypes[2], dtypes[1]) || strcmp(dtypes[3], dtypes[1]) ||
       strcmp(dtypes[0], "float32") || strcmp(dtypes[4], "int32") || strcmp(dtypes[5], "float32") ||
       strcmp(dtypes[6], "float32") || ndims[0] != 3 || ndims[4] != 2 || ndims[5] != 2 || ndims[6] != 2)
     return 1;
@@ -1426,24 +1428,22 @@ LLAVA_OP(LlavaQKVRotary) {
     return 2;
   const int32_t* positions = (const int32_t*)params[4];
   const float *cos = (const float*)params[5], *sin = (const float*)params[6];
-  float* out = (float*)params[7];
+  float* out[3] = {(float*)params[7], (float*)params[8], (float*)params[9]};
   // One token per row (a decode step): [B, 1, N] is already [B, H, 1, D], so the products land in place.
   static thread_local std::vector<float> scratch;
-  float* y = out;
-  if (T > 1) {
-    scratch.resize(std::max(scratch.size(), (size_t)(3 * M * N)));
-    y = scratch.data();
-  }
+  if (T > 1) scratch.resize(std::max(scratch.size(), (size_t)(3 * M * N)));
+  float* y = scratch.data();
   for (int part = 0; part < 3; part++) {
-    int status = dispatch((const float*)params[0], params[1 + part], wt, y + part * M * N, M, N, K);
+    int status = dispatch((const float*)params[0], params[1 + part], wt, T > 1 ? y + part * M * N : out[part], M,
+                          N, K);
     if (status) return status;
   }
-  parallel_blocks(3 * M, 64, [&](int64_t a, int64_t b) {  // rows (part, b, t) of y
+  parallel_blocks(3 * M, 64, [&](int64_t a, int64_t b) {  // rows (part, b, t) of the products
     for (int64_t r = a; r < b; r++) {
       int64_t part = r / M, row = r % M, batch = row / T, t = row % T;
       int64_t p = std::min<int64_t>(std::max<int32_t>(positions[row], 0), P - 1);
       for (int64_t h = 0; h < H; h++) {
-        float* dst = out + (((part * B + batch) * H + h) * T + t) * D;
+        float* dst = out[part] + ((batch * H + h) * T + t) * D;
         if (T > 1) memcpy(dst, y + r * N + h * D, sizeof(float) * D);
         if (part < 2) rotate_row(dst, cos + p * D, sin + p * D, D);
       }
