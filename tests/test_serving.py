@@ -9,13 +9,14 @@ import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
 import shapes_task
-from conftest import PLUGIN, TINY
+from conftest import PLUGIN, REFERENCE_DIR, TINY
 from llava_weights import load_weights
 from llava_generation import GenerationSettings
 from llava_processor import build_prompt, chat_prompt
 from llava_runtime import build_components, set_up_context
 from llava_serving import (Engine, LRUCache, Request, TextStream, decode_row_counts, prepare_images, prompt_ids,
                            prompt_prefix)
+from llava_tokenizer import LlavaTokenizer
 from run_mindformer import load_config, parse_args, register_plugin
 
 set_up_context("CPU", mode=1)
@@ -93,6 +94,38 @@ def test_text_stream_holds_back_what_may_change_and_adds_up_to_the_answer():
         full = tokenizer.decode(ids).lstrip()
         expected = (full[:full.find("END")] if "END" in full and stop else full).strip()
         assert "".join(stream_all(tokenizer, ids, stop)) == expected
+
+
+class CountingTokenizer:
+    """A tokenizer's decode, counting the ids it is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded_ids = tokenizer, 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decoded_ids += len(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_text_stream_of_llama_ids_is_the_whole_decode_and_decodes_a_window_per_id():
+    """The LLaMA SentencePiece tokenizer: word-start spaces, byte-fallback pieces (<0x..>: a character in several
+    ids), special ids: the pieces add up to the decode of all ids; each id decodes a few ids, not all so far."""
+    tokenizer = CountingTokenizer(LlavaTokenizer(os.path.join(REFERENCE_DIR, "llama2_tokenizer.model")))
+    rng = np.random.default_rng(3)
+    accented = tokenizer.tokenizer.encode("Café, naïve — 東京 ok", add_special_tokens=False)
+    for trial in range(40):
+        ids = rng.integers(0, 32000, 60).tolist()
+        ids[10:10] = accented  # multi-byte characters split over byte pieces
+        ids[30:30] = rng.integers(3, 259, 6).tolist()  # raw bytes: some never make a character
+        if trial % 2:
+            ids[20] = 2  # EOS: a special id, dropped
+        expected = tokenizer.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        assert "".join(stream_all(tokenizer, ids)) == expected, trial
+    tokenizer.decoded_ids = 0
+    long_answer = [rng.choice(accented + [450, 6635, 338, 263]) for _ in range(2000)]
+    pieces = stream_all(tokenizer, long_answer)
+    assert "".join(pieces) == tokenizer.tokenizer.decode(long_answer, skip_special_tokens=True).strip()
+    assert tokenizer.decoded_ids < 20 * len(long_answer) + 2 * len(long_answer)  # the window, then finish()
 
 
 def test_lru_cache_is_bounded_in_bytes_and_least_recently_used_goes_first():

@@ -136,22 +136,33 @@ class TextStream:
     Text that may still change is held back until it cannot: trailing whitespace (stripped if the answer ends
     there), an incomplete UTF-8 character (decoded as U+FFFD until its last byte arrives), and a tail that
     could be the start of a stop string.
+
+    Each id decodes a window of the last few ids, not all of them (a 2000-token answer would otherwise decode
+    two million ids): the ids after `start` decoded, minus the ids from `start` to `done` decoded, is the new
+    text. Decoding from one id before the new ones keeps what a tokenizer does at the start of a text (a
+    SentencePiece word's leading space dropped) out of the difference.
     """
 
     def __init__(self, tokenizer, stop=()):
         self.tokenizer, self.stop = tokenizer, tuple(stop)
         self.ids, self.sent = [], 0
+        self.decoded, self.start, self.done = "", 0, 0  # the text of ids[:done]; the window starts at `start`
         self.stopped = False
 
     def push(self, token):
         """Add a generated id; returns the text that became final. Sets `stopped` at a stop string."""
         self.ids.append(int(token))
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        window = self.tokenizer.decode(self.ids[self.start:], skip_special_tokens=True)
+        known = self.tokenizer.decode(self.ids[self.start:self.done], skip_special_tokens=True)
+        if len(window) > len(known) and not window.endswith("\ufffd"):  # else: wait for the character's last byte
+            self.decoded += window[len(known):]
+            self.start, self.done = self.done, len(self.ids)
+        text = self.decoded.lstrip()
         cuts = [text.find(stop) for stop in self.stop if stop in text]
         if cuts:
             self.stopped = True
             return self._take(text[:min(cuts)].rstrip())
-        text = text.rstrip().rstrip("\ufffd")
+        text = text.rstrip()
         held = max((size for stop in self.stop for size in range(1, len(stop)) if text.endswith(stop[:size])),
                    default=0)
         return self._take(text[:len(text) - held])
