@@ -57,9 +57,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "research", "llava"))
+from llava_runtime import leave_at_once_on_signals  # noqa: E402
+
+if __name__ == "__main__":  # numpy and MindSpore (~1 s) load next: Ctrl-C meanwhile is one line, not an abort
+    leave_at_once_on_signals("convert_weight: interrupted; nothing was written")
+import numpy as np  # noqa: E402
 from llava_checkpoint import CheckpointError, CheckpointWriter, SafetensorsWriter  # noqa: E402
 from llava_layout import (HF_TEXT_LAYER, hf_vision_layer, shard, shard_shape, stored_from_hf,  # noqa: E402
                           stored_shape_from_hf)
@@ -349,9 +352,11 @@ def main(argv=None):
         print(f"convert_weight: error: --model {args.model!r} is not supported; choose from "
               f"{', '.join(CONVERTERS)}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        leave_at_once_on_signals("convert_weight: interrupted; nothing was written")
         _import_config_module(args.verbose)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
         summary = CONVERTERS[args.model](args.input_path, args.output_path, args.dtype,
                                          progress=args.verbose or sys.stderr.isatty(),
                                          model_parallel=args.model_parallel, fmt=args.fmt)

@@ -406,24 +406,15 @@ def report_error(program, error, verbose):
     return 2
 
 
-def _exit_at_once(signum, frame):
-    """Ctrl-C or SIGTERM while MindSpore and MindFormers are imported: an exception raised inside the
-    initialization of their C++ modules aborts the process or fails the import with a traceback, and nothing
-    has been written yet, so leave at once."""
-    os.write(2, b"run_mindformer.py: interrupted\n")
-    os._exit(130)
-
-
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO if args.verbose else logging.WARNING)
     log = logging.getLogger("llava")
     run_mode = args.run_mode
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _exit_at_once)
     try:
         register_plugin(args.register_path)
-        from llava_runtime import quiet_logs, sigterm_as_interrupt
+        from llava_runtime import leave_at_once_on_signals, quiet_logs, sigterm_as_interrupt
+        leave_at_once_on_signals("run_mindformer.py: interrupted")  # nothing is written while imports run
         quiet_logs(args.output_dir or "./output", args.verbose)  # imports MindFormers, and MindSpore with it
         signal.signal(signal.SIGINT, signal.default_int_handler)
         sigterm_as_interrupt()  # answers kept, one line, exit 130

@@ -435,6 +435,22 @@ def test_signal_mid_conversion_leaves_nothing(hub_dir, tmp_path, signum):
     assert os.listdir(out_dir) == []  # neither a partial file nor the folder made for the output
 
 
+@pytest.mark.parametrize("signum,delay", [(signal.SIGINT, 0.3), (signal.SIGTERM, 0.8), (signal.SIGINT, 1.4),
+                                          (signal.SIGTERM, 2.0)])
+def test_signal_while_the_converter_starts_is_one_line(hub_dir, tmp_path, signum, delay):
+    """While MindSpore and MindFormers are imported (the first seconds), a KeyboardInterrupt raised inside their
+    C++ modules' initialization aborted the process or printed a traceback."""
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "convert_weight.py"), "--model", "llava",
+                                "--input_path", hub_dir, "--output_path", str(tmp_path / "out" / "llava.ckpt")],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines() == ["convert_weight: interrupted; nothing was written"]
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_partial_files_left_by_kill_9_are_ignored_then_removed(hub_dir, tmp_path):
     """kill -9 leaves each rank's partial file; loading the directory ignores them (it used to find 2 .ckpt), and
     the next conversion there removes them."""

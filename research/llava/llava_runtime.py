@@ -2,6 +2,7 @@
 import contextlib
 import os
 import signal
+import time
 
 _cpu_threads_set = False
 
@@ -62,7 +63,28 @@ def sigterm_as_interrupt():
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
+_stderr = None  # a copy of the first caller's stderr: a silenced import points file descriptor 2 elsewhere
+
+
+def leave_at_once_on_signals(message):
+    """From now until other handlers are set, Ctrl-C or SIGTERM print `message` and exit 130 at once: while
+    MindSpore and MindFormers are imported, an exception raised inside the initialization of their C++ modules
+    aborts the process or fails the import with a traceback (call it before anything is written)."""
+    global _stderr
+    if _stderr is None:
+        _stderr = os.dup(2)
+
+    def leave(_signum, _frame):
+        os.write(_stderr, f"{message}\n".encode())
+        os._exit(130)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, leave)
+    return leave
+
+
 _interrupted = False  # a signal came inside `interrupts_at_safe_points`, for the next `interruption_point`
+SAME_INTERRUPT_S = 0.5
 
 
 @contextlib.contextmanager
@@ -72,17 +94,22 @@ def interrupts_at_safe_points(program):
     wherever Python is. Op by op, MindSpore calls back into Python from C++ at every launch (the kernels' shape
     functions), and a KeyboardInterrupt raised inside such a callback aborted the process (SIGABRT: no answers
     kept, no message) instead of unwinding. A second signal leaves at once, status 130: what was written
-    stays (answers are appended one by one)."""
+    stays (answers are appended one by one). Signals within SAME_INTERRUPT_S of the first are the same one:
+    once it has compiled a graph, MindSpore answers Ctrl-C by sending the process SIGTERM."""
     global _interrupted
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    leave = leave_at_once_on_signals(f"{program}: interrupted")
+    first = []
 
-    def defer(_signum, _frame):
+    def defer(signum, frame):
         global _interrupted
-        if _interrupted:
-            os.write(2, f"{program}: interrupted\n".encode())
-            os._exit(130)
+        if first and time.monotonic() - first[0] >= SAME_INTERRUPT_S:
+            leave(signum, frame)
+        first[:] = first or [time.monotonic()]
         _interrupted = True
 
-    handlers = {signum: signal.signal(signum, defer) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in handlers:
+        signal.signal(signum, defer)
     try:
         yield
         interruption_point()
