@@ -968,7 +968,8 @@ struct SharedPrefix {
 // `tokens_major`, q [B,T,H,D] and k, v [B,L,H,D] too (the heads split by strides, as the projections write them:
 // the vision tower's three transposes in and one out cost it a fifth of its time, bench/RESULTS.md). With a
 // `prefix`, each row's keys are the prefix's P then its own L (one copy of the prefix for all rows: tiling it to
-// every row, concatenating and casting took MindSpore's ops half of a 13-row continued prefill). mask
+// every row, concatenating and casting with MindSpore's ops took half of a continued prefill, bench/RESULTS.md,
+// serving). mask
 // [Bm,Hm,T,P+L] (Bm 1 or B, Hm 1 or H; null: none). Heads of one row go in groups whose scores fit in 64 MB.
 // `half`: the two products in bfloat16 (q, k, v and the probabilities rounded; sums, scores and softmax in
 // float32) where the prompt path's matmuls have bfloat16 arithmetic (a CPU with it, not forced to the decode
@@ -1097,7 +1098,7 @@ static void attention(const float* q, const float* k, const float* v, const Shar
 // last visible one are not read, so a row at position p reads p slots, not the whole cache. sharing [B,2]: row
 // b's slots below sharing[b][1] are read from row sharing[b][0], which holds the same values (rows continuing one
 // cached prompt start each hold a copy): (row, head) pairs go head by head, so the rows that share a head's prefix
-// read it from cache, not memory (~3x faster for 16 rows continuing one 600-token prefix, bench/RESULTS.md).
+// read it from cache, not memory (bench/RESULTS.md, serving).
 template <int WT> struct Slots {  // the keys (or values) one (row, head) reads
   const Elem<WT>* shared;  // slots below `split`
   const Elem<WT>* own;     // the others
@@ -1403,10 +1404,10 @@ LLAVA_OP(LlavaAttentionDecode) {
 // A decoder layer's three input projections with the rotary embedding, in the [B, H, T, D] layout attention
 // takes: x float32 [B, T, K]; Wq, Wk, Wv [N, K] of one dtype (N = heads * D); positions int32 [B, T]; cos, sin
 // float32 [P, D] (HF's tables: the D/2 frequencies twice) -> q, k, v float32 [B, H, T, D] (q and k rotated, v
-// as is; three outputs: slicing one [3, ...] output in a compiled graph took MindSpore's element-by-element
-// StridedSlice ~5% of a 16-row decode step). One op and one pass over the products where MindSpore's ops would be
-// three products, three head splits (transposes) and fourteen elementwise rotary ops, each a pass over memory
-// and a dispatch.
+// as is; three outputs: a compiled graph slices one [3, ...] output with MindSpore's element-by-element
+// StridedSlice, which slowed the decode step, bench/RESULTS.md, serving). One op and one pass over the products
+// where MindSpore's ops would be three products, three head splits (transposes) and fourteen elementwise rotary
+// ops, each a pass over memory and a dispatch.
 static void rotate_row(float* v, const float* c, const float* s, int64_t D) {  // v*cos + (-v2, v1)*sin, in place
   int64_t half = D / 2;
   for (int64_t i = 0; i < half; i++) {
