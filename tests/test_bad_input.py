@@ -160,7 +160,7 @@ def test_ctrl_c_during_generation_keeps_the_answers(tmp_path):
     finally:
         process.kill()
     rows = [json.loads(line) for line in results.read_text().splitlines()]
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr
     assert stderr.strip().splitlines() == [f"run_mindformer.py: interrupted; {len(rows)} of 30 answers kept in "
                                            f"{tmp_path / 'out' / 'predict_results.jsonl'}"]
     assert 2 <= len(rows) < 30
