@@ -60,8 +60,9 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "research", "llava"))
 from llava_runtime import leave_at_once_on_signals  # noqa: E402
 
+INTERRUPTED = "convert_weight: interrupted; nothing was written"
 if __name__ == "__main__":  # numpy and MindSpore (~1 s) load next: Ctrl-C meanwhile is one line, not an abort
-    leave_at_once_on_signals("convert_weight: interrupted; nothing was written")
+    leave_at_once_on_signals(INTERRUPTED)
 import numpy as np  # noqa: E402
 from llava_checkpoint import CheckpointError, CheckpointWriter, SafetensorsWriter  # noqa: E402
 from llava_layout import (HF_TEXT_LAYER, hf_vision_layer, shard, shard_shape, stored_from_hf,  # noqa: E402
@@ -353,7 +354,7 @@ def main(argv=None):
               f"{', '.join(CONVERTERS)}", file=sys.stderr)
         return 2
     try:
-        leave_at_once_on_signals("convert_weight: interrupted; nothing was written")
+        leave_at_once_on_signals(INTERRUPTED)
         _import_config_module(args.verbose)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -361,7 +362,7 @@ def main(argv=None):
                                          progress=args.verbose or sys.stderr.isatty(),
                                          model_parallel=args.model_parallel, fmt=args.fmt)
     except KeyboardInterrupt:
-        print("convert_weight: interrupted; nothing was written", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except (CheckpointError, OSError, ValueError) as error:
         if args.verbose:
