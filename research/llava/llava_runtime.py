@@ -66,10 +66,8 @@ def sigterm_as_interrupt():
 _stderr = None  # a copy of the first caller's stderr: a silenced import points file descriptor 2 elsewhere
 
 
-def leave_at_once_on_signals(message):
-    """From now until other handlers are set, Ctrl-C or SIGTERM print `message` and exit 130 at once: while
-    MindSpore and MindFormers are imported, an exception raised inside the initialization of their C++ modules
-    aborts the process or fails the import with a traceback (call it before anything is written)."""
+def _leaving(message):
+    """A signal handler that prints `message` and exits 130 at once."""
     global _stderr
     if _stderr is None:
         _stderr = os.dup(2)
@@ -77,10 +75,16 @@ def leave_at_once_on_signals(message):
     def leave(_signum, _frame):
         os.write(_stderr, f"{message}\n".encode())
         os._exit(130)
+    return leave
 
+
+def leave_at_once_on_signals(message):
+    """From now until other handlers are set, Ctrl-C or SIGTERM print `message` and exit 130 at once: while
+    MindSpore and MindFormers are imported, an exception raised inside the initialization of their C++ modules
+    aborts the process or fails the import with a traceback (call it before anything is written)."""
+    leave = _leaving(message)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, leave)
-    return leave
 
 
 _interrupted = False  # a signal came inside `interrupts_at_safe_points`, for the next `interruption_point`
@@ -92,13 +96,12 @@ def interrupts_at_safe_points(program):
     """Inside the block (main thread), Ctrl-C and SIGTERM raise KeyboardInterrupt at the next
     `interruption_point()` (between generated tokens, loaded tensors), or at the block's end, instead of
     wherever Python is. Op by op, MindSpore calls back into Python from C++ at every launch (the kernels' shape
-    functions), and a KeyboardInterrupt raised inside such a callback aborted the process (SIGABRT: no answers
+    functions), and a KeyboardInterrupt raised inside such a callback can abort the process (SIGABRT: no answers
     kept, no message) instead of unwinding. A second signal leaves at once, status 130: what was written
     stays (answers are appended one by one). Signals within SAME_INTERRUPT_S of the first are the same one:
     once it has compiled a graph, MindSpore answers Ctrl-C by sending the process SIGTERM."""
     global _interrupted
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    leave = leave_at_once_on_signals(f"{program}: interrupted")
+    leave = _leaving(f"{program}: interrupted")
     first = []
 
     def defer(signum, frame):
@@ -108,8 +111,7 @@ def interrupts_at_safe_points(program):
         first[:] = first or [time.monotonic()]
         _interrupted = True
 
-    for signum in handlers:
-        signal.signal(signum, defer)
+    handlers = {signum: signal.signal(signum, defer) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
         interruption_point()

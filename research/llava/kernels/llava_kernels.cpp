@@ -1033,7 +1033,7 @@ static void attention(const float* q, const float* k, const float* v, const Shar
         parallel_for((int)n, [&](int i) {
           if (half)
             for (int64_t t = 0; t < T; t++) put(qb, (i * T + t) * D, qh + i * head_q + t * row_q, false, D);
-          if (P > 0) {
+          if (P > 0 && (b == 0 || group < H)) {  // one group of all heads: later rows find the prefix in place
             int64_t at = (first + i) * P * D, bytes = prefix.half ? 2 : 4;
             put(kc, i * LT * D, (const char*)prefix.k + at * bytes, prefix.half, P * D);
             put(vc, i * LT * D, (const char*)prefix.v + at * bytes, prefix.half, P * D);
