@@ -431,7 +431,7 @@ def test_signal_mid_conversion_leaves_nothing(hub_dir, tmp_path, signum):
     finally:
         process.kill()
     assert process.returncode == 130
-    assert stderr.strip().splitlines()[-1] == "convert_weight: interrupted; nothing was written"
+    assert stderr.strip().splitlines()[-1] == convert_weight.INTERRUPTED
     assert os.listdir(out_dir) == []  # neither a partial file nor the folder made for the output
 
 
@@ -447,7 +447,7 @@ def test_signal_while_the_converter_starts_is_one_line(hub_dir, tmp_path, signum
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
-    assert stderr.strip().splitlines() == ["convert_weight: interrupted; nothing was written"]
+    assert stderr.strip().splitlines() == [convert_weight.INTERRUPTED]
     assert not os.path.exists(tmp_path / "out")
 
 
